@@ -1,0 +1,22 @@
+"""attnpkg: FlashAttention forward and backward in Triton, with the reference passes and the
+closed-form gradients that the companion book derives.
+
+Public API:
+    attnpkg.reference   materialised attention (ground truth), multi-head attention
+    attnpkg.grads       closed-form backward passes (softmax, matmul, attention, multi-head)
+
+On a machine without a CUDA GPU the Triton kernels run on CPU tensors through Triton's
+interpreter. It must be switched on before any kernel is defined, so it is done here, on import.
+"""
+import os
+
+import torch
+
+__version__ = "0.1.0"
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from . import grads, reference  # noqa: E402
+
+__all__ = ["__version__", "grads", "reference"]

@@ -1,0 +1,112 @@
+"""Materialised attention: the (N x N) forward passes that every other result is checked against.
+
+Everything here is plain PyTorch and differentiable by autograd, so it serves as ground truth
+for the closed-form gradients in :mod:`attnpkg.grads` and for the Triton kernels.
+
+Conventions (see ``book/notation.md``): rows are tokens and ``Y = X W``; attention tensors use
+SDPA's layout ``(batch, heads, seq, head_dim)`` (any leading dimensions work here); multi-head
+weights are ``w_q, w_k: (d_model, H*d_k)``, ``w_v: (d_model, H*d_v)``, ``w_o: (H*d_v, d_model)``
+and head ``h`` owns columns ``h*d_k:(h+1)*d_k`` (rows ``h*d_v:(h+1)*d_v`` of ``w_o``).
+"""
+import math
+
+import torch
+
+__all__ = ["causal_mask", "expand_kv_heads", "scores", "probabilities", "attention", "split_heads", "merge_heads",
+           "multihead_attention"]
+
+
+def causal_mask(n_q, n_k, device=None):
+    """Boolean ``(n_q, n_k)`` mask, True where query ``i`` may see key ``j``.
+
+    Aligned bottom-right: query ``i`` sees keys ``j <= i + n_k - n_q``, so the last query sees
+    every key. With ``n_q > n_k`` the first ``n_q - n_k`` queries see no key at all.
+    """
+    i = torch.arange(n_q, device=device)[:, None]
+    j = torch.arange(n_k, device=device)[None, :]
+    return j <= i + (n_k - n_q)
+
+
+def expand_kv_heads(q, k, v):
+    """Repeat key/value heads so grouped-query inputs (``Hq = G * Hkv``) become ordinary ones.
+
+    Query head ``h`` uses key/value head ``h // G``, as in flash-attn and SDPA's ``enable_gqa``.
+    Inputs whose head counts already agree (or that have fewer than three dimensions) pass through.
+    """
+    if q.dim() < 3 or q.shape[-3] == k.shape[-3]:
+        return k, v
+    n_q_heads, n_kv_heads = q.shape[-3], k.shape[-3]
+    if n_q_heads % n_kv_heads:
+        raise ValueError(f"query heads ({n_q_heads}) must be a multiple of key/value heads ({n_kv_heads})")
+    group = n_q_heads // n_kv_heads
+    return k.repeat_interleave(group, dim=-3), v.repeat_interleave(group, dim=-3)
+
+
+def scores(q, k, *, causal=False, scale=None):
+    """The logits ``S = scale * Q K^T``, with ``-inf`` where the causal mask hides a key."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    s = scale * (q @ k.transpose(-2, -1))
+    if causal:
+        s = s.masked_fill(~causal_mask(q.shape[-2], k.shape[-2], device=s.device), float("-inf"))
+    return s
+
+
+def _masked_softmax(s):
+    """Row softmax of ``s`` and its log-sum-exp; a row that is all ``-inf`` gives zeros and lse ``-inf``."""
+    m = s.amax(dim=-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # rows with no visible key
+    e = torch.exp(s - m)
+    l = e.sum(dim=-1, keepdim=True)
+    return e / torch.where(l > 0, l, torch.ones_like(l)), (m + torch.log(l)).squeeze(-1)
+
+
+def probabilities(q, k, *, causal=False, scale=None):
+    """The attention matrix ``P = softmax(S)`` (row-wise), with ``S`` from :func:`scores`."""
+    return _masked_softmax(scores(q, k, causal=causal, scale=scale))[0]
+
+
+def attention(q, k, v, *, causal=False, scale=None, return_lse=False):
+    """Softmax attention ``O = softmax(scale * Q K^T) V``, computed with the full score matrix.
+
+    Args:
+        q: queries ``(..., Nq, d_k)``; in 4-D SDPA layout ``(B, Hq, Nq, d_k)``.
+        k: keys ``(..., Nk, d_k)``; in 4-D layout ``Hkv`` may divide ``Hq`` (grouped-query).
+        v: values ``(..., Nk, d_v)``.
+        causal: hide keys ``j > i + Nk - Nq`` from query ``i`` (bottom-right alignment).
+        scale: multiplies the logits; ``1/sqrt(d_k)`` by default.
+        return_lse: also return the row log-sum-exp ``log sum_j exp(S_ij)`` (natural log).
+
+    A query row that sees no key outputs zeros and has lse ``-inf``; no NaN is produced.
+    """
+    k, v = expand_kv_heads(q, k, v)
+    p, lse = _masked_softmax(scores(q, k, causal=causal, scale=scale))
+    o = p @ v
+    return (o, lse) if return_lse else o
+
+
+def split_heads(x, n_heads):
+    """``(..., N, H*d) -> (..., H, N, d)``: head ``h`` takes columns ``h*d:(h+1)*d``."""
+    *lead, n, hd = x.shape
+    return x.reshape(*lead, n, n_heads, hd // n_heads).transpose(-3, -2)
+
+
+def merge_heads(x):
+    """``(..., H, N, d) -> (..., N, H*d)``: the inverse of :func:`split_heads` (Concat of the heads)."""
+    *lead, h, n, d = x.shape
+    return x.transpose(-3, -2).reshape(*lead, n, h * d)
+
+
+def multihead_attention(x_q, x_k, x_v, w_q, w_k, w_v, w_o, n_heads, *, causal=False):
+    """Multi-head attention ``Y = Concat(head_1, ..., head_H) W^O`` with ``head_h = Attention(X_q W^Q_h, X_k W^K_h, X_v W^V_h)``.
+
+    Args:
+        x_q: ``(..., Nq, d_model)``; x_k, x_v: ``(..., Nk, d_model)`` (pass one tensor three times for self-attention).
+        w_q, w_k: ``(d_model, H*d_k)``; w_v: ``(d_model, H*d_v)``; w_o: ``(H*d_v, d_model)``.
+        n_heads: ``H``. The logits are scaled by ``1/sqrt(d_k)``.
+
+    Returns ``Y`` of shape ``(..., Nq, d_model)``.
+    """
+    q = split_heads(x_q @ w_q, n_heads)
+    k = split_heads(x_k @ w_k, n_heads)
+    v = split_heads(x_v @ w_v, n_heads)
+    return merge_heads(attention(q, k, v, causal=causal)) @ w_o
