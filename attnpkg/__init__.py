@@ -17,6 +17,6 @@ __version__ = "0.1.0"
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from . import grads, reference  # noqa: E402
+from . import grads, notebook, reference  # noqa: E402
 
-__all__ = ["__version__", "grads", "reference"]
+__all__ = ["__version__", "grads", "notebook", "reference"]

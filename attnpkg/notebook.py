@@ -1,0 +1,45 @@
+"""The first thing every chapter of the book runs: where to compute and in which precision.
+
+    from attnpkg.notebook import setup
+    rt = setup()          # prints versions; rt.device, rt.dtype, rt.interpreted
+
+On a CUDA GPU the kernels run compiled on it, in bfloat16 where the GPU supports it (compute
+capability 8.0 and newer) and float16 otherwise (Colab's free T4). Without a GPU they run on the
+CPU through Triton's interpreter (switched on when attnpkg is imported), in float16.
+"""
+import os
+import platform
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device    # where the kernels run
+    dtype: torch.dtype      # the half-precision type the kernels are shown in
+    interpreted: bool       # True when Triton's interpreter runs the kernels on the CPU
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.type == "cuda"
+
+
+def setup(verbose: bool = True) -> Runtime:
+    """Pick the device and kernel dtype for this machine and print the versions in use."""
+    import triton
+
+    import attnpkg
+
+    if torch.cuda.is_available():
+        device = torch.device("cuda")
+        dtype = torch.bfloat16 if torch.cuda.get_device_capability()[0] >= 8 else torch.float16
+        where = torch.cuda.get_device_name()
+    else:
+        device, dtype, where = torch.device("cpu"), torch.float16, "CPU (Triton interpreter)"
+    rt = Runtime(device, dtype, os.environ.get("TRITON_INTERPRET") == "1")
+    if verbose:
+        print(f"attnpkg {attnpkg.__version__} | torch {torch.__version__} | triton {triton.__version__} | "
+              f"Python {platform.python_version()}")
+        print(f"running on {where}, kernels in {str(dtype).removeprefix('torch.')}")
+    return rt
