@@ -1,0 +1,210 @@
+"""FlashAttention backward pass in Triton: three kernels, no atomics, so gradients are deterministic.
+
+The forward pass saved only O and the row log-sum-exp, so each kernel recomputes the
+probabilities of a tile from Q, K and the lse, ``P = 2^(s - lse * log2 e)``, instead of reading an
+N x N matrix. With ``dP = dO V^T`` and ``D = rowsum(dO * O)``:
+
+    dV = P^T dO        dS = P * (dP - D)        dQ = scale * dS K        dK = scale * dS^T Q
+
+1. ``flash_backward_preprocess``: D for every query row (and lse in base 2).
+2. ``flash_backward_dkdv_kernel``: one program per key tile accumulates dK and dV over every
+   query tile that sees it, and over every query head of its group (grouped-query attention).
+3. ``flash_backward_dq_kernel``: one program per query tile accumulates dQ over the key tiles.
+
+Each sum is accumulated by one program in a fixed order, so the result is the same bit for bit
+on every run. The price is that S and dP are computed twice (once per kernel).
+"""
+import triton
+import triton.language as tl
+
+LOG2E: tl.constexpr = 1.4426950408889634
+
+
+@triton.jit
+def flash_backward_preprocess(O, DO, LSE, DLSE, DELTA, LSE2,
+                              stride_ob, stride_oh, stride_om, stride_od,
+                              stride_dob, stride_doh, stride_dom, stride_dod,
+                              n_heads, n_q,
+                              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                              HAS_DLSE: tl.constexpr):
+    """D = rowsum(dO * O) - dlse, and lse in base 2 with +inf for rows that see no key (so P = 0 there)."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // n_heads).to(tl.int64)
+    off_h = (off_bh % n_heads).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    ok = (offs_m[:, None] < n_q) & (offs_d[None, :] < HEAD_DIM)
+    o = tl.load(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+                mask=ok, other=0.0).to(tl.float32)
+    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+                 mask=ok, other=0.0).to(tl.float32)
+    delta = tl.sum(o * do, 1)
+    row = off_bh.to(tl.int64) * n_q + offs_m
+    lse = tl.load(LSE + row, mask=offs_m < n_q, other=0.0)
+    if HAS_DLSE:
+        # d lse_i / d S_ij = P_ij: a gradient flowing into lse adds P * dlse to dS, i.e. lowers D by dlse.
+        delta -= tl.load(DLSE + row, mask=offs_m < n_q, other=0.0)
+    tl.store(DELTA + row, delta, mask=offs_m < n_q)
+    tl.store(LSE2 + row, tl.where(lse == float("-inf"), float("inf"), lse * LOG2E), mask=offs_m < n_q)
+
+
+@triton.jit
+def _dkdv_from_query_tiles(dk, dv, k, v, q_base, do_base, lse2_base, delta_base, stride_qm, stride_dom,
+                           offs_n, offs_m, offs_d, start, stop, n_q, diag, qk_scale,
+                           MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                           UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """Accumulate dK, dV of one key tile over the query tiles [start, stop) of one query head.
+
+    Works on transposed tiles (keys along rows) so that no transpose of P or dS is needed."""
+    d_ok = offs_d[None, :] < HEAD_DIM
+    for start_m in range(start, stop, BLOCK_M):
+        rows = start_m + offs_m
+        ok = d_ok & (rows[:, None] < n_q)
+        q = tl.load(q_base + rows[:, None] * stride_qm, mask=ok, other=0.0)
+        do = tl.load(do_base + rows[:, None] * stride_dom, mask=ok, other=0.0)
+        # Rows past n_q get lse = +inf, hence P = 0, and contribute nothing.
+        lse2 = tl.load(lse2_base + rows, mask=rows < n_q, other=float("inf"))
+        delta = tl.load(delta_base + rows, mask=rows < n_q, other=0.0)
+        if UPCAST:
+            q, do = q.to(tl.float32), do.to(tl.float32)
+        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
+        if MASKED:  # causal: key j is seen by query i when j <= i + diag
+            s_t = tl.where(offs_n[:, None] <= rows[None, :] + diag, s_t, float("-inf"))
+        p_t = tl.math.exp2(s_t - lse2[None, :])
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def flash_backward_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV,
+                               stride_qb, stride_qh, stride_qm, stride_qd,
+                               stride_kb, stride_kh, stride_kn, stride_kd,
+                               stride_vb, stride_vh, stride_vn, stride_vd,
+                               stride_dob, stride_doh, stride_dom, stride_dod,
+                               stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+                               stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+                               n_kv_heads, n_q, n_k, qk_scale, scale,
+                               GROUP: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
+                               BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                               UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """Grid: (cdiv(Nk, BLOCK_N), B * Hkv). Writes dK and dV of one key tile of one k/v head."""
+    start_n = tl.program_id(0) * BLOCK_N
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // n_kv_heads).to(tl.int64)
+    off_hkv = (off_bh % n_kv_heads).to(tl.int64)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    kv_ok = (offs_n[:, None] < n_k) & (offs_d[None, :] < HEAD_DIM)
+    k = tl.load(K + off_b * stride_kb + off_hkv * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                mask=kv_ok, other=0.0)
+    v = tl.load(V + off_b * stride_vb + off_hkv * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                mask=kv_ok, other=0.0)
+    if UPCAST:
+        k, v = k.to(tl.float32), v.to(tl.float32)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    # Query tiles [masked_start, full_start) cut the causal diagonal of this key tile; tiles from
+    # full_start on see all of it; tiles before masked_start see none of it and are skipped.
+    diag = n_k - n_q
+    if CAUSAL:
+        masked_start = (tl.maximum(start_n - diag, 0) // BLOCK_M) * BLOCK_M
+        full_start = tl.minimum(tl.maximum(start_n + BLOCK_N - 1 - diag + BLOCK_M - 1, 0) // BLOCK_M * BLOCK_M, n_q)
+        full_start = tl.maximum(full_start, masked_start)
+    else:
+        masked_start = 0
+        full_start = 0
+    for g in range(GROUP):  # the query heads that share this k/v head, in a fixed order
+        off_h = off_hkv * GROUP + g
+        row0 = (off_b * n_kv_heads * GROUP + off_h) * n_q
+        q_base = Q + off_b * stride_qb + off_h * stride_qh + offs_d[None, :] * stride_qd
+        do_base = DO + off_b * stride_dob + off_h * stride_doh + offs_d[None, :] * stride_dod
+        dk, dv = _dkdv_from_query_tiles(dk, dv, k, v, q_base, do_base, LSE2 + row0, DELTA + row0, stride_qm, stride_dom,
+                                        offs_n, offs_m, offs_d, masked_start, full_start, n_q, diag, qk_scale,
+                                        True, HEAD_DIM, BLOCK_M, UPCAST, PRECISION)
+        dk, dv = _dkdv_from_query_tiles(dk, dv, k, v, q_base, do_base, LSE2 + row0, DELTA + row0, stride_qm, stride_dom,
+                                        offs_n, offs_m, offs_d, full_start, n_q, n_q, diag, qk_scale,
+                                        False, HEAD_DIM, BLOCK_M, UPCAST, PRECISION)
+    tl.store(DK + off_b * stride_dkb + off_hkv * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
+             (dk * scale).to(DK.dtype.element_ty), mask=kv_ok)
+    tl.store(DV + off_b * stride_dvb + off_hkv * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
+             dv.to(DV.dtype.element_ty), mask=kv_ok)
+
+
+@triton.jit
+def _dq_from_key_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d,
+                       start, stop, n_k, diag, qk_scale,
+                       MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                       UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """Accumulate dQ of one query tile over the key tiles [start, stop)."""
+    d_ok = offs_d[None, :] < HEAD_DIM
+    for start_n in range(start, stop, BLOCK_N):
+        cols = start_n + offs_n
+        ok = d_ok & (cols[:, None] < n_k)
+        k = tl.load(k_base + cols[:, None] * stride_kn, mask=ok, other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vn, mask=ok, other=0.0)
+        if UPCAST:
+            k, v = k.to(tl.float32), v.to(tl.float32)
+        # Keys past n_k load as zeros: their dS multiplies a zero row of K and adds nothing.
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        if MASKED:
+            s = tl.where(cols[None, :] <= offs_m[:, None] + diag, s, float("-inf"))
+        p = tl.math.exp2(s - lse2[:, None])
+        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
+    return dq
+
+
+@triton.jit
+def flash_backward_dq_kernel(Q, K, V, DO, LSE2, DELTA, DQ,
+                             stride_qb, stride_qh, stride_qm, stride_qd,
+                             stride_kb, stride_kh, stride_kn, stride_kd,
+                             stride_vb, stride_vh, stride_vn, stride_vd,
+                             stride_dob, stride_doh, stride_dom, stride_dod,
+                             stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+                             n_heads, n_q, n_k, qk_scale, scale,
+                             GROUP: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
+                             BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                             UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """Grid: (cdiv(Nq, BLOCK_M), B * Hq). Writes dQ of one query tile of one query head."""
+    start_m = tl.program_id(0) * BLOCK_M
+    off_bh = tl.program_id(1)
+    off_b = (off_bh // n_heads).to(tl.int64)
+    off_h = (off_bh % n_heads).to(tl.int64)
+    off_hkv = off_h // GROUP
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    ok = (offs_m[:, None] < n_q) & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=ok, other=0.0)
+    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+                 mask=ok, other=0.0)
+    if UPCAST:
+        q, do = q.to(tl.float32), do.to(tl.float32)
+    row = off_bh.to(tl.int64) * n_q + offs_m
+    lse2 = tl.load(LSE2 + row, mask=offs_m < n_q, other=float("inf"))
+    delta = tl.load(DELTA + row, mask=offs_m < n_q, other=0.0)
+    k_base = K + off_b * stride_kb + off_hkv * stride_kh + offs_d[None, :] * stride_kd
+    v_base = V + off_b * stride_vb + off_hkv * stride_vh + offs_d[None, :] * stride_vd
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    diag = n_k - n_q
+    if CAUSAL:
+        stop = tl.minimum(n_k, start_m + BLOCK_M + diag)
+        full_end = tl.minimum(tl.maximum(start_m + diag + 1, 0) // BLOCK_N * BLOCK_N, stop)
+        full_end = tl.maximum(full_end, 0)
+    else:
+        stop = n_k
+        full_end = n_k
+    dq = _dq_from_key_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d,
+                            0, full_end, n_k, diag, qk_scale, False, HEAD_DIM, BLOCK_N, UPCAST, PRECISION)
+    dq = _dq_from_key_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d,
+                            full_end, stop, n_k, diag, qk_scale, True, HEAD_DIM, BLOCK_N, UPCAST, PRECISION)
+    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
+             (dq * scale).to(DQ.dtype.element_ty), mask=ok)

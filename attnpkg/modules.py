@@ -1,0 +1,61 @@
+"""``MultiHeadAttention``: a multi-head attention layer whose core is :func:`attnpkg.flash_attention`."""
+import math
+
+import torch
+from torch import nn
+
+from .attention import flash_attention
+from .reference import merge_heads, split_heads
+
+__all__ = ["MultiHeadAttention"]
+
+
+class MultiHeadAttention(nn.Module):
+    """``Y = Concat(head_1, ..., head_H) W^O`` with ``head_h = softmax(Q_h K_h^T / sqrt(d_k)) V_h``.
+
+    The weights follow the book's convention (rows are tokens, ``Y = X W``), with no biases:
+    ``w_q, w_k: (d_model, H * d_head)``, ``w_v: (d_model, H * d_head)``, ``w_o: (H * d_head, d_model)``;
+    head ``h`` owns columns ``h*d_head:(h+1)*d_head`` (and the same rows of ``w_o``). So
+    ``attnpkg.reference.multihead_attention`` and ``attnpkg.grads.multihead_backward`` take its
+    parameters as they are.
+
+    Args:
+        d_model: width of the inputs and outputs.
+        n_heads: number of heads ``H``.
+        d_head: width of each head (the kernel needs one width for queries, keys and values);
+            ``d_model // n_heads`` by default.
+        causal: mask future keys (bottom-right aligned, see :func:`attnpkg.flash_attention`).
+        device, dtype: of the parameters.
+
+    ``forward(x_q, x_k=None, x_v=None)`` takes ``(B, N, d_model)`` inputs; ``x_k`` and ``x_v``
+    default to ``x_q`` (self-attention).
+    """
+
+    def __init__(self, d_model, n_heads, d_head=None, *, causal=False, device=None, dtype=None):
+        super().__init__()
+        d_head = d_model // n_heads if d_head is None else d_head
+        if d_head < 1:
+            raise ValueError(f"MultiHeadAttention: d_model ({d_model}) // n_heads ({n_heads}) is 0; pass d_head")
+        self.d_model, self.n_heads, self.d_head, self.causal = d_model, n_heads, d_head, causal
+        factory = dict(device=device, dtype=dtype)
+        self.w_q = nn.Parameter(torch.empty(d_model, n_heads * d_head, **factory))
+        self.w_k = nn.Parameter(torch.empty(d_model, n_heads * d_head, **factory))
+        self.w_v = nn.Parameter(torch.empty(d_model, n_heads * d_head, **factory))
+        self.w_o = nn.Parameter(torch.empty(n_heads * d_head, d_model, **factory))
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        for w in (self.w_q, self.w_k, self.w_v, self.w_o):
+            bound = 1.0 / math.sqrt(w.shape[0])      # fan-in: the rows of Y = X W
+            nn.init.uniform_(w, -bound, bound)
+
+    def forward(self, x_q, x_k=None, x_v=None):
+        x_k = x_q if x_k is None else x_k
+        x_v = x_k if x_v is None else x_v
+        q = split_heads(x_q @ self.w_q, self.n_heads)
+        k = split_heads(x_k @ self.w_k, self.n_heads)
+        v = split_heads(x_v @ self.w_v, self.n_heads)
+        return merge_heads(flash_attention(q, k, v, causal=self.causal)) @ self.w_o
+
+    def extra_repr(self):
+        return f"d_model={self.d_model}, n_heads={self.n_heads}, d_head={self.d_head}, causal={self.causal}"

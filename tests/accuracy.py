@@ -1,0 +1,32 @@
+"""The accuracy criterion of flash-attn's tests: compared with a float64 reference, the kernel's
+error may be at most twice the error of the same computation done by PyTorch in the kernel's
+precision, plus a small absolute floor."""
+import torch
+
+from attnpkg import reference
+
+
+def max_error(x, ref):
+    x, ref = x.double(), ref.double()
+    both_inf = torch.isinf(x) & torch.isinf(ref) & (torch.sign(x) == torch.sign(ref))
+    return torch.where(both_inf, 0.0, (x - ref).abs()).max().item() if x.numel() else 0.0
+
+
+def attention_and_grads(q, k, v, do, causal, scale=None, fn=reference.attention):
+    """Output, lse and (dq, dk, dv) of ``fn`` via autograd, in the inputs' dtype."""
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    o, lse = fn(q, k, v, causal=causal, scale=scale, return_lse=True)
+    dq, dk, dv = torch.autograd.grad(o, (q, k, v), do) if o.numel() else (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v))
+    return {"o": o, "lse": lse, "dq": dq, "dk": dk, "dv": dv}
+
+
+def assert_flash_accuracy(got, q, k, v, do, causal, scale=None, floor=1e-5):
+    """``got``: dict of the kernel's results. Checks each against float64 with the 2x rule."""
+    exact = attention_and_grads(*(t.double() for t in (q, k, v, do)), causal, scale)
+    same_precision = attention_and_grads(q, k, v, do, causal, scale)
+    for name, value in got.items():
+        assert not value.isnan().any(), f"{name} has NaN"
+        kernel_err = max_error(value, exact[name])
+        torch_err = max_error(same_precision[name], exact[name])
+        assert kernel_err <= 2 * torch_err + floor, (
+            f"{name}: kernel error {kernel_err:.3g} > 2 x PyTorch {q.dtype} error {torch_err:.3g} + {floor:g}")

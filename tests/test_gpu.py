@@ -1,0 +1,59 @@
+"""Properties that only a real GPU can show: torch.compile, memory that grows linearly, determinism."""
+import pytest
+import torch
+
+import attnpkg
+
+pytestmark = pytest.mark.gpu
+
+
+def test_torch_compile_fullgraph():
+    q, k, v = (torch.randn(2, 4, 256, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+
+    def layer(q, k, v):
+        return (attnpkg.flash_attention(q, k, v, causal=True) * 2).sum()
+
+    compiled = torch.compile(layer, fullgraph=True)
+    loss = compiled(q, k, v)
+    loss.backward()
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    layer(q, k, v).backward()
+    torch.testing.assert_close(loss, layer(q, k, v))
+    for got, want in zip(grads, (q.grad, k.grad, v.grad)):
+        torch.testing.assert_close(got, want)
+
+
+def test_memory_grows_linearly_in_sequence_length():
+    peaks = {}
+    for n in (4096, 8192, 16384):
+        q, k, v = (torch.randn(1, 4, n, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+        do = torch.randn_like(q)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        attnpkg.flash_attention(q, k, v, causal=True).backward(do)
+        torch.cuda.synchronize()
+        peaks[n] = torch.cuda.max_memory_allocated() - base
+        del q, k, v, do
+    # Linear: doubling N doubles the extra memory (an N x N buffer would quadruple it).
+    assert peaks[8192] / peaks[4096] < 2.2 and peaks[16384] / peaks[8192] < 2.2, peaks
+    # And small: O, the three gradients and row statistics, a few times the size of q; the 4 heads'
+    # 16k x 16k score matrices would take 2 GiB in bf16.
+    q_bytes = 4 * 16384 * 128 * 2
+    assert peaks[16384] < 8 * q_bytes, peaks
+
+
+def test_backward_bitwise_deterministic_on_gpu():
+    q = torch.randn(2, 16, 2048, 128, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(2, 4, 2048, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    do = torch.randn_like(q)
+    results = []
+    for _ in range(3):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        attnpkg.flash_attention(*leaves, causal=True).backward(do)
+        results.append([t.grad for t in leaves])
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
