@@ -21,12 +21,19 @@ def attention_and_grads(q, k, v, do, causal, scale=None, fn=reference.attention)
 
 
 def assert_flash_accuracy(got, q, k, v, do, causal, scale=None, floor=1e-5):
-    """``got``: dict of the kernel's results. Checks each against float64 with the 2x rule."""
+    """``got``: dict of the kernel's results. Checks each against float64 with the 2x rule.
+
+    The absolute floor is relative to the size of the quantity's pass: ``floor`` times the largest
+    exact output entry for ``o``, and the largest exact gradient entry (over dq, dk, dv) for the
+    gradients. It matters only where PyTorch's error happens to be exactly 0 (a single key, say)."""
     exact = attention_and_grads(*(t.double() for t in (q, k, v, do)), causal, scale)
     same_precision = attention_and_grads(q, k, v, do, causal, scale)
+    size = lambda names: max([1.0] + [exact[n].abs().max().item() for n in names if exact[n].numel()])
+    scales = {"o": size(["o"]), "lse": 1.0, **dict.fromkeys(("dq", "dk", "dv"), size(["dq", "dk", "dv"]))}
     for name, value in got.items():
         assert not value.isnan().any(), f"{name} has NaN"
         kernel_err = max_error(value, exact[name])
         torch_err = max_error(same_precision[name], exact[name])
-        assert kernel_err <= 2 * torch_err + floor, (
-            f"{name}: kernel error {kernel_err:.3g} > 2 x PyTorch {q.dtype} error {torch_err:.3g} + {floor:g}")
+        allowed = 2 * torch_err + floor * scales[name]
+        assert kernel_err <= allowed, (
+            f"{name}: kernel error {kernel_err:.3g} > 2 x PyTorch {q.dtype} error {torch_err:.3g} + {floor:g} x {scales[name]:.3g}")

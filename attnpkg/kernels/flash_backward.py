@@ -17,7 +17,7 @@ on every run. The price is that S and dP are computed twice (once per kernel).
 import triton
 import triton.language as tl
 
-LOG2E: tl.constexpr = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit

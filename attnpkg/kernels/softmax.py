@@ -8,7 +8,7 @@ backward pass computes ``dx = p * (dp - <dp, p>)`` without the Jacobian, also in
 import triton
 import triton.language as tl
 
-LOG2E: tl.constexpr = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit

@@ -1,0 +1,209 @@
+"""Benchmark attnpkg.flash_attention against torch's SDPA backends: ``python -m attnpkg.bench``.
+
+Everything is measured in one process and one run, forward and backward separately, with CUDA
+events (``triton.testing.do_bench``: median of many repeats after warm-up, L2 flushed between
+repeats), on fresh random inputs, after checking attnpkg's output against SDPA's. FLOPs are
+counted as ``4 B H N^2 D`` for the forward pass (halved when causal) and 2.5 times that for the
+backward pass. Prints a table of TFLOP/s and of the ratio attnpkg / each backend, and writes
+a CSV and plots. Without a CUDA GPU it says so and exits.
+
+    python -m attnpkg.bench                 # the full sweep (about 10 minutes on an H100)
+    python -m attnpkg.bench --quick         # N in {1k, 4k, 16k}, bf16 (a couple of minutes)
+    python -m attnpkg.bench --case 128,causal,bf16,8192
+"""
+import argparse
+import csv
+import datetime
+import os
+import platform
+import sys
+
+import torch
+
+PROVIDERS = ("attnpkg", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def heads_for(head_dim):
+    """Batch 4 and 2048 model width: 32 heads of 64, 16 heads of 128."""
+    return 4, 2048 // head_dim
+
+
+def attention_flops(batch, heads, n, head_dim, causal, mode):
+    flops = 4 * batch * heads * n * n * head_dim * (0.5 if causal else 1.0)
+    return flops * (2.5 if mode == "backward" else 1.0)
+
+
+def _sdpa(backend):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    chosen = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION,
+              "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION}[backend]
+
+    def run(q, k, v, causal):
+        with sdpa_kernel(chosen):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    return run
+
+
+def _attnpkg(q, k, v, causal):
+    import attnpkg
+    return attnpkg.flash_attention(q, k, v, causal=causal)
+
+
+def measure(provider, head_dim, causal, dtype, n, check_against=None):
+    """Median milliseconds of the forward and of the backward pass, or None if unsupported."""
+    from triton.testing import do_bench
+    batch, heads = heads_for(head_dim)
+    fn = _attnpkg if provider == "attnpkg" else _sdpa(provider)
+    q, k, v = (torch.randn(batch, heads, n, head_dim, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+    try:
+        o = fn(q, k, v, causal)
+    except RuntimeError:        # the backend does not support this case
+        return None, None, None
+    if check_against is not None:
+        error = (o.float() - check_against(q, k, v, causal).float()).abs().max().item()
+        if not error < 2e-2:
+            raise AssertionError(f"{provider} differs from SDPA by {error} at D={head_dim} causal={causal} N={n}")
+    do = torch.randn_like(o)
+    forward_ms = do_bench(lambda: fn(q, k, v, causal), warmup=25, rep=100, return_mode="median")
+    backward_ms = do_bench(lambda: o.backward(do, retain_graph=True), warmup=25, rep=100,
+                           grad_to_none=[q, k, v], return_mode="median")
+    return forward_ms, backward_ms, o
+
+
+def matmul_ceiling():
+    from triton.testing import do_bench
+    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    ms = do_bench(lambda: a @ b, warmup=25, rep=100, return_mode="median")
+    return 2 * 8192**3 / ms / 1e9
+
+
+def environment():
+    import triton
+    return {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "cuda": torch.version.cuda, "cudnn": str(torch.backends.cudnn.version()),
+            "python": platform.python_version(), "date": datetime.date.today().isoformat()}
+
+
+def run(cases, out_dir, plot=True):
+    env = environment()
+    ceiling = matmul_ceiling()
+    print(f"{env['gpu']} | torch {env['torch']} | triton {env['triton']} | CUDA {env['cuda']} | cuDNN {env['cudnn']} | {env['date']}")
+    print(f"bf16 8192^3 matrix product: {ceiling:.0f} TFLOP/s (the ceiling)")
+    rows = []
+    for head_dim, causal, dtype_name, n in cases:
+        dtype = DTYPES[dtype_name]
+        batch, heads = heads_for(head_dim)
+        reference = _sdpa("sdpa-flash")
+        for provider in PROVIDERS:
+            fwd, bwd, _ = measure(provider, head_dim, causal, dtype, n,
+                                  check_against=reference if provider == "attnpkg" else None)
+            for mode, ms in (("forward", fwd), ("backward", bwd)):
+                tflops = attention_flops(batch, heads, n, head_dim, causal, mode) / ms / 1e9 if ms else None
+                rows.append(dict(head_dim=head_dim, causal=causal, dtype=dtype_name, n=n, batch=batch, heads=heads,
+                                 provider=provider, mode=mode, ms=ms, tflops=tflops))
+            torch.cuda.empty_cache()
+        print(_case_line(rows, head_dim, causal, dtype_name, n), flush=True)
+    os.makedirs(out_dir, exist_ok=True)
+    csv_path = os.path.join(out_dir, "attention.csv")
+    with open(csv_path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) + list(env) + ["matmul_tflops"])
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**row, **env, "matmul_tflops": round(ceiling, 1)})
+    print(f"\nwrote {csv_path}")
+    if plot:
+        _plot(rows, env, out_dir)
+    print(summary_table(rows))
+    return rows
+
+
+def _lookup(rows, provider, mode, **case):
+    for r in rows:
+        if r["provider"] == provider and r["mode"] == mode and all(r[key] == value for key, value in case.items()):
+            return r["tflops"]
+    return None
+
+
+def _case_line(rows, head_dim, causal, dtype_name, n):
+    case = dict(head_dim=head_dim, causal=causal, dtype=dtype_name, n=n)
+    parts = []
+    for mode in ("forward", "backward"):
+        values = [_lookup(rows, p, mode, **case) for p in PROVIDERS]
+        parts.append(mode[:3] + " " + " ".join(f"{v:6.1f}" if v else "     -" for v in values))
+    return f"D{head_dim:<3} {'causal' if causal else 'full  '} {dtype_name} N={n:<5}  " + "  ".join(parts)
+
+
+def summary_table(rows):
+    """TFLOP/s of attnpkg and its ratio to each SDPA backend, one line per case and pass."""
+    lines = ["", "TFLOP/s of attnpkg, and attnpkg / backend (higher is better)",
+             f"{'case':<30} {'pass':<8} {'attnpkg':>8} " + " ".join(f"{'/' + p[5:]:>10}" for p in PROVIDERS[1:])]
+    seen = []
+    for r in rows:
+        key = (r["head_dim"], r["causal"], r["dtype"], r["n"], r["mode"])
+        if key in seen or r["provider"] != "attnpkg":
+            continue
+        seen.append(key)
+        case = dict(head_dim=r["head_dim"], causal=r["causal"], dtype=r["dtype"], n=r["n"])
+        ratios = []
+        for p in PROVIDERS[1:]:
+            other = _lookup(rows, p, r["mode"], **case)
+            ratios.append(f"{r['tflops'] / other:10.2f}" if other and r["tflops"] else f"{'-':>10}")
+        name = f"D{r['head_dim']} {'causal' if r['causal'] else 'full'} {r['dtype']} N={r['n']}"
+        lines.append(f"{name:<30} {r['mode']:<8} {r['tflops']:8.1f} " + " ".join(ratios))
+    return "\n".join(lines)
+
+
+def _plot(rows, env, out_dir):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    groups = sorted({(r["head_dim"], r["causal"], r["dtype"]) for r in rows})
+    for mode in ("forward", "backward"):
+        fig, axes = plt.subplots(1, len(groups), figsize=(4 * len(groups), 3.4), squeeze=False)
+        for ax, (head_dim, causal, dtype_name) in zip(axes[0], groups):
+            for provider in PROVIDERS:
+                points = sorted((r["n"], r["tflops"]) for r in rows if r["provider"] == provider and r["mode"] == mode
+                                and (r["head_dim"], r["causal"], r["dtype"]) == (head_dim, causal, dtype_name) and r["tflops"])
+                if points:
+                    ax.plot(*zip(*points), marker="o", label=provider)
+            ax.set(xscale="log", xlabel="sequence length N", ylabel="TFLOP/s",
+                   title=f"{mode}, D={head_dim}, {'causal' if causal else 'full'}, {dtype_name}")
+            ax.grid(alpha=0.3)
+        axes[0][0].legend(fontsize=8)
+        fig.suptitle(f"{env['gpu']}, torch {env['torch']}, triton {env['triton']}, {env['date']}", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, f"attention_{mode}.png"), dpi=110)
+        plt.close(fig)
+
+
+def parse_case(text):
+    head_dim, causal, dtype_name, n = text.split(",")
+    if causal not in ("causal", "full") or dtype_name not in DTYPES:
+        raise argparse.ArgumentTypeError("--case D,causal|full,bf16|fp16,N")
+    return int(head_dim), causal == "causal", dtype_name, int(n)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m attnpkg.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="N in {1k, 4k, 16k}, bf16 only")
+    parser.add_argument("--case", type=parse_case, action="append", help="one case: D,causal|full,bf16|fp16,N (repeatable)")
+    parser.add_argument("--out", default="bench-results", help="folder for the CSV and the plots")
+    parser.add_argument("--no-plot", action="store_true")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("python -m attnpkg.bench: no CUDA GPU here, nothing to measure "
+              "(the kernels run on the CPU only through Triton's interpreter, which is not for timing).")
+        return 0
+    if args.case:
+        cases = args.case
+    else:
+        lengths = (1024, 4096, 16384) if args.quick else (1024, 2048, 4096, 8192, 16384)
+        dtypes = ("bf16",) if args.quick else ("bf16", "fp16")
+        cases = [(d, c, t, n) for t in dtypes for d in (64, 128) for c in (False, True) for n in lengths]
+    run(cases, args.out, plot=not args.no_plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
