@@ -43,3 +43,16 @@ def setup(verbose: bool = True) -> Runtime:
               f"Python {platform.python_version()}")
         print(f"running on {where}, kernels in {str(dtype).removeprefix('torch.')}")
     return rt
+
+
+def show_source(obj):
+    """Display the source code of an attnpkg module, class, function or Triton kernel as it ships.
+
+    The chapters call this instead of pasting code, so the book always shows the package's code.
+    """
+    import inspect
+
+    from IPython.display import Code
+
+    obj = getattr(obj, "fn", obj)          # a @triton.jit kernel wraps the Python function as .fn
+    return Code(inspect.getsource(obj), language="python")
