@@ -2,10 +2,14 @@
 Colab from its own path in the repository and starts with the same set-up cell; the pages, README and
 citation files name the repository of _config.yml and the version of attnpkg.
 
-Fast: reads files only, needs no build.
+Fast: reads files, and installs attnpkg once into a temporary folder; needs no build of the book.
 """
 import json
+import os
 import re
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -127,3 +131,29 @@ def test_how_to_cite_bibtex():
 def test_front_page_shows_the_version_from_the_package():
     # Filled at build time by book/_ext/attnpkg_book.py from attnpkg.__version__, so it cannot drift.
     assert "{{ attnpkg_version }}" in (ROOT / "book" / "intro.md").read_text()
+
+
+def test_the_set_up_cell_installs_a_working_attnpkg(tmp_path):
+    """What the set-up cell's `pip install --no-deps git+REPO` gives a Colab reader: a regular (not
+    editable) install of the repository, beside the torch and triton already there. Every module of
+    attnpkg/ must be in it, and `from attnpkg.notebook import setup; setup()` must work from it."""
+    src, target = tmp_path / "src", tmp_path / "site"
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(ROOT / "attnpkg", src / "attnpkg", ignore=ignore)  # build from a copy: no build/ in the repo
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    pip = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps",
+           "--no-build-isolation", "--no-index", "--target", str(target), str(src)]
+    subprocess.run(pip, check=True, cwd=tmp_path)
+
+    def modules(root: Path) -> set[str]:
+        return {p.relative_to(root).as_posix() for p in root.rglob("*.py") if "__pycache__" not in p.parts}
+
+    missing = modules(ROOT / "attnpkg") - modules(target / "attnpkg")
+    assert not missing, f"a regular install of attnpkg lacks {sorted(missing)}: list them in pyproject.toml's packages"
+    check = ("import attnpkg; from attnpkg.notebook import setup; rt = setup(); "
+             "assert attnpkg.__file__.startswith(%r), attnpkg.__file__" % str(target))
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    run = subprocess.run([sys.executable, "-c", check], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert f"attnpkg {attnpkg.__version__} | torch" in run.stdout
