@@ -1,11 +1,14 @@
 """``flash_attention``: the public entry point to the Triton FlashAttention kernels.
 
-All validation happens here, at the boundary; the kernels assume valid input. The forward and
-backward passes are registered as ``torch.library`` custom ops (with fake implementations for
-tracing), so ``torch.compile(fullgraph=True)`` can call them, and joined by ``register_autograd``.
+All validation happens here, at the boundary; the kernels assume valid input. Eager calls go
+through a ``torch.autograd.Function`` straight to the kernels. Under ``torch.compile`` the same
+kernels run as ``torch.library`` custom ops (with fake implementations for tracing, joined by
+``register_autograd``), so ``torch.compile(fullgraph=True)`` can call ``flash_attention``.
 """
+import functools
 import math
 import os
+from typing import NamedTuple, Optional
 
 import torch
 import triton
@@ -25,29 +28,53 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _tile_config(head_dim_padded: int, dtype: torch.dtype, causal: bool):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the forward and dQ kernels; dK/dV swaps M and N."""
-    if _interpreting():
-        return 32, 32, 4, 1          # the interpreter runs one program at a time: any tile is exact
-    wide = 2 if dtype == torch.float32 else 1      # fp32 tiles take twice the shared memory
-    if head_dim_padded <= 64:
-        return 128 // wide, 64, 4, 3
-    if head_dim_padded <= 128:
-        return 128 // wide, 64 // wide, 8, 3
-    return 64 // wide, 32, 8, 2
+class Tiles(NamedTuple):
+    """Launch shape of one kernel: rows of the program's own tile, rows of the streamed tile, warps, stages."""
+    own: int
+    streamed: int
+    num_warps: int
+    num_stages: int
 
 
-def _launch_meta(q):
+# Tiles by kernel and padded head dim, for Hopper GPUs (measured on an H100: benchmarks/NOTES.md).
+HOPPER_TILES = {
+    "forward": {64: Tiles(128, 64, 4, 3), 128: Tiles(128, 64, 8, 3), 256: Tiles(64, 32, 8, 2)},
+    "dkdv": {64: Tiles(128, 64, 8, 3), 128: Tiles(128, 64, 8, 3), 256: Tiles(64, 32, 8, 2)},
+    "dq": {64: Tiles(128, 64, 8, 3), 128: Tiles(128, 64, 8, 3), 256: Tiles(64, 32, 8, 2)},
+}
+# Other GPUs (and fp32 inputs, whose tiles take twice the shared memory): smaller tiles that fit anywhere.
+SMALL_TILES = {64: Tiles(64, 64, 4, 2), 128: Tiles(64, 32, 4, 2), 256: Tiles(32, 32, 4, 1)}
+INTERPRETER_TILES = Tiles(32, 32, 4, 1)     # one program at a time on the CPU: any tile is exact
+
+
+def tiles_for(kernel: str, block_d: int, dtype: torch.dtype, device: torch.device) -> Tiles:
+    """The tile configuration of ``kernel`` ("forward", "dkdv" or "dq") for this head dim, dtype and GPU."""
+    if device.type != "cuda":
+        return INTERPRETER_TILES
+    size = 64 if block_d <= 64 else 128 if block_d <= 128 else 256
+    if dtype != torch.float32 and _capability(device) >= (9, 0):
+        return HOPPER_TILES[kernel][size]
+    return SMALL_TILES[size]
+
+
+@functools.lru_cache(maxsize=None)
+def _device_capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def _capability(device: torch.device) -> tuple[int, int]:
+    return _device_capability(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _kernel_meta(q):
     d = q.shape[-1]
-    block_d = max(16, triton.next_power_of_2(d))
-    upcast = _interpreting() and q.dtype == torch.bfloat16   # the interpreter's tl.dot mishandles bf16
-    precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    return dict(HEAD_DIM=d, BLOCK_D=block_d, UPCAST=upcast, PRECISION=precision)
+    return dict(HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)),
+                UPCAST=_interpreting() and q.dtype == torch.bfloat16,   # the interpreter's tl.dot mishandles bf16
+                PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
 
 
-@torch.library.custom_op("attnpkg::flash_attention_forward", mutates_args=())
-def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+def forward_impl(q, k, v, causal: bool, scale: float):
+    """Run the forward kernel: returns (o, lse). Inputs are assumed valid (see flash_attention)."""
     batch, n_heads, n_q, head_dim = q.shape
     n_kv_heads, n_k = k.shape[1], k.shape[2]
     o = torch.empty((batch, n_heads, n_q, head_dim), dtype=q.dtype, device=q.device)
@@ -56,27 +83,18 @@ def _forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, sc
         return o, lse
     if n_k == 0:                               # no key at all: every row is fully masked
         return o.zero_(), lse.fill_(float("-inf"))
-    meta = _launch_meta(q)
-    block_m, block_n, warps, stages = _tile_config(meta["BLOCK_D"], q.dtype, causal)
-    grid = (triton.cdiv(n_q, block_m), batch * n_heads)
-    flash_forward_kernel[grid](
+    meta = _kernel_meta(q)
+    t = tiles_for("forward", meta["BLOCK_D"], q.dtype, q.device)
+    flash_forward_kernel[(triton.cdiv(n_q, t.own), batch * n_heads)](
         q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         n_heads, n_q, n_k, scale * LOG2E,
-        GROUP=n_heads // n_kv_heads, CAUSAL=causal, BLOCK_M=block_m, BLOCK_N=block_n,
-        num_warps=warps, num_stages=stages, **meta)
+        GROUP=n_heads // n_kv_heads, CAUSAL=causal, BLOCK_M=t.own, BLOCK_N=t.streamed,
+        num_warps=t.num_warps, num_stages=t.num_stages, **meta)
     return o, lse
 
 
-@_forward.register_fake
-def _(q, k, v, causal, scale):
-    batch, n_heads, n_q, head_dim = q.shape
-    return q.new_empty((batch, n_heads, n_q, head_dim)), q.new_empty((batch, n_heads, n_q), dtype=torch.float32)
-
-
-@torch.library.custom_op("attnpkg::flash_attention_backward", mutates_args=())
-def _backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-              lse: torch.Tensor, dlse: torch.Tensor | None, causal: bool, scale: float
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def backward_impl(do, q, k, v, o, lse, dlse, causal: bool, scale: float):
+    """Run the three backward kernels: returns (dq, dk, dv). ``dlse`` (or None) is the gradient of lse."""
     batch, n_heads, n_q, head_dim = q.shape
     n_kv_heads, n_k = k.shape[1], k.shape[2]
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -84,29 +102,69 @@ def _backward(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tenso
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     if batch == 0 or n_q == 0 or n_k == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    meta = _launch_meta(q)
-    block_m, block_n, warps, stages = _tile_config(meta["BLOCK_D"], q.dtype, causal)
+    meta = _kernel_meta(q)
     delta = torch.empty((batch, n_heads, n_q), dtype=torch.float32, device=q.device)
     lse2 = torch.empty_like(delta)
-    preprocess_m = 64 if not _interpreting() else 32
-    flash_backward_preprocess[(triton.cdiv(n_q, preprocess_m), batch * n_heads)](
-        o, do, lse.contiguous(), dlse.contiguous() if dlse is not None else lse, delta, lse2,
+    rows = 32 if _interpreting() else 64
+    flash_backward_preprocess[(triton.cdiv(n_q, rows), batch * n_heads)](
+        o, do, lse, dlse if dlse is not None else lse, delta, lse2,
         *o.stride(), *do.stride(), n_heads, n_q,
-        HEAD_DIM=head_dim, BLOCK_D=meta["BLOCK_D"], BLOCK_M=preprocess_m, HAS_DLSE=dlse is not None)
-    common = dict(GROUP=n_heads // n_kv_heads, CAUSAL=causal, num_warps=warps, num_stages=stages, **meta)
-    # dK/dV: one program per key tile; query tiles stream past it (BLOCK_N keys x BLOCK_M queries).
-    flash_backward_dkdv_kernel[(triton.cdiv(n_k, block_m), batch * n_kv_heads)](
+        HEAD_DIM=head_dim, BLOCK_D=meta["BLOCK_D"], BLOCK_M=rows, HAS_DLSE=dlse is not None)
+    group = n_heads // n_kv_heads
+    # dK/dV: one program owns a tile of keys; tiles of queries stream past it.
+    t = tiles_for("dkdv", meta["BLOCK_D"], q.dtype, q.device)
+    flash_backward_dkdv_kernel[(triton.cdiv(n_k, t.own), batch * n_kv_heads)](
         q, k, v, do, lse2, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-        n_kv_heads, n_q, n_k, scale * LOG2E, scale, BLOCK_M=block_n, BLOCK_N=block_m, **common)
-    flash_backward_dq_kernel[(triton.cdiv(n_q, block_m), batch * n_heads)](
+        n_kv_heads, n_q, n_k, scale * LOG2E, scale, GROUP=group, CAUSAL=causal,
+        BLOCK_N=t.own, BLOCK_M=t.streamed, num_warps=t.num_warps, num_stages=t.num_stages, **meta)
+    # dQ: one program owns a tile of queries; tiles of keys stream past it.
+    t = tiles_for("dq", meta["BLOCK_D"], q.dtype, q.device)
+    flash_backward_dq_kernel[(triton.cdiv(n_q, t.own), batch * n_heads)](
         q, k, v, do, lse2, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-        n_heads, n_q, n_k, scale * LOG2E, scale, BLOCK_M=block_m, BLOCK_N=block_n, **common)
+        n_heads, n_q, n_k, scale * LOG2E, scale, GROUP=group, CAUSAL=causal,
+        BLOCK_M=t.own, BLOCK_N=t.streamed, num_warps=t.num_warps, num_stages=t.num_stages, **meta)
     return dq, dk, dv
 
 
-@_backward.register_fake
+class _FlashAttention(torch.autograd.Function):
+    """Eager path: the kernels called directly, with as little Python per call as possible."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, causal, scale):
+        o, lse = forward_impl(q, k, v, causal, scale)
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.causal, ctx.scale = causal, scale
+        return o, lse
+
+    @staticmethod
+    def backward(ctx, do, dlse):
+        return _backward_rule(ctx, do, dlse)
+
+
+# The same kernels as torch.library custom ops, which torch.compile can trace (fake implementations give
+# the output shapes) and call from a compiled graph.
+@torch.library.custom_op("attnpkg::flash_attention_forward", mutates_args=())
+def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    return forward_impl(q, k, v, causal, scale)
+
+
+@_forward_op.register_fake
+def _(q, k, v, causal, scale):
+    batch, n_heads, n_q, head_dim = q.shape
+    return q.new_empty((batch, n_heads, n_q, head_dim)), q.new_empty((batch, n_heads, n_q), dtype=torch.float32)
+
+
+@torch.library.custom_op("attnpkg::flash_attention_backward", mutates_args=())
+def _backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                 lse: torch.Tensor, dlse: Optional[torch.Tensor], causal: bool, scale: float
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return backward_impl(do, q, k, v, o, lse, dlse, causal, scale)
+
+
+@_backward_op.register_fake
 def _(do, q, k, v, o, lse, dlse, causal, scale):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
@@ -120,13 +178,13 @@ def _setup_context(ctx, inputs, output):
 
 def _backward_rule(ctx, do, dlse):
     q, k, v, o, lse = ctx.saved_tensors
-    if do is None:
-        do = torch.zeros_like(o)
-    dq, dk, dv = _backward(do, q, k, v, o, lse, dlse, ctx.causal, ctx.scale)
+    do = torch.zeros_like(o) if do is None else do
+    backward = _backward_op if torch.compiler.is_compiling() else backward_impl
+    dq, dk, dv = backward(do, q, k, v, o, lse, dlse, ctx.causal, ctx.scale)
     return dq, dk, dv, None, None
 
 
-_forward.register_autograd(_backward_rule, setup_context=_setup_context)
+_forward_op.register_autograd(_backward_rule, setup_context=_setup_context)
 
 
 def _check_inputs(q, k, v, scale):
@@ -161,7 +219,7 @@ def _check_inputs(q, k, v, scale):
     if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
         raise ValueError(f"flash_attention: scale must be a finite number, got {scale!r}")
     if q.device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(q.device)
+        major, minor = _capability(q.device)
         if q.dtype == torch.bfloat16 and major < 8:
             raise TypeError(f"flash_attention: bfloat16 needs a GPU of compute capability 8.0 or newer; "
                             f"{torch.cuda.get_device_name(q.device)} has {major}.{minor}: use float16")
@@ -205,5 +263,8 @@ def flash_attention(q, k, v, *, causal=False, scale=None, return_lse=False):
     """
     _check_inputs(q, k, v, scale)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    o, lse = _forward(q, k, v, bool(causal), scale)
+    if torch.compiler.is_compiling():
+        o, lse = _forward_op(q, k, v, bool(causal), scale)
+    else:
+        o, lse = _FlashAttention.apply(q, k, v, bool(causal), scale)
     return (o, lse) if return_lse else o

@@ -65,9 +65,10 @@ def test_large_logits_do_not_overflow(causal):
     q, k, v, do = random_inputs(1, 2, 2, 48, 48, 32, torch.bfloat16, scale_inputs=100.0)
     got = run_flash(q, k, v, do, causal)
     assert all(torch.isfinite(t).all() for name, t in got.items() if name != "lse")
-    # The softmax saturates (rows are nearly one-hot), so the exact dq, dk are nearly 0; the kernel's
-    # D = rowsum(dO * O) uses the bf16-rounded O and leaves residues near 1e-5: a larger floor.
-    assert_flash_accuracy(got, q, k, v, do, causal, floor=1e-4)
+    # Logits reach 1e5 here, where float32 itself resolves only steps of 0.008: the probabilities
+    # recomputed in the backward pass can move by 0.5%, while PyTorch's bf16 rounds S so coarsely that
+    # saturated rows come out exactly one-hot. So the floor is 1% of the gradients' size.
+    assert_flash_accuracy(got, q, k, v, do, causal, floor=1e-2)
 
 
 def test_large_logits_float16():

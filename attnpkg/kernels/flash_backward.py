@@ -17,6 +17,8 @@ on every run. The price is that S and dP are computed twice (once per kernel).
 import triton
 import triton.language as tl
 
+from .tiles import load_tile
+
 LOG2E = tl.constexpr(1.4426950408889634)
 
 
@@ -51,17 +53,15 @@ def flash_backward_preprocess(O, DO, LSE, DLSE, DELTA, LSE2,
 @triton.jit
 def _dkdv_from_query_tiles(dk, dv, k, v, q_base, do_base, lse2_base, delta_base, stride_qm, stride_dom,
                            offs_n, offs_m, offs_d, start, stop, n_q, diag, qk_scale,
-                           MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+                           MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                            UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """Accumulate dK, dV of one key tile over the query tiles [start, stop) of one query head.
 
     Works on transposed tiles (keys along rows) so that no transpose of P or dS is needed."""
-    d_ok = offs_d[None, :] < HEAD_DIM
     for start_m in range(start, stop, BLOCK_M):
         rows = start_m + offs_m
-        ok = d_ok & (rows[:, None] < n_q)
-        q = tl.load(q_base + rows[:, None] * stride_qm, mask=ok, other=0.0)
-        do = tl.load(do_base + rows[:, None] * stride_dom, mask=ok, other=0.0)
+        q = load_tile(q_base + rows[:, None] * stride_qm, rows, n_q, offs_d, True, HEAD_DIM, BLOCK_D)
+        do = load_tile(do_base + rows[:, None] * stride_dom, rows, n_q, offs_d, True, HEAD_DIM, BLOCK_D)
         # Rows past n_q get lse = +inf, hence P = 0, and contribute nothing.
         lse2 = tl.load(lse2_base + rows, mask=rows < n_q, other=float("inf"))
         delta = tl.load(delta_base + rows, mask=rows < n_q, other=0.0)
@@ -125,10 +125,10 @@ def flash_backward_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV,
         do_base = DO + off_b * stride_dob + off_h * stride_doh + offs_d[None, :] * stride_dod
         dk, dv = _dkdv_from_query_tiles(dk, dv, k, v, q_base, do_base, LSE2 + row0, DELTA + row0, stride_qm, stride_dom,
                                         offs_n, offs_m, offs_d, masked_start, full_start, n_q, diag, qk_scale,
-                                        True, HEAD_DIM, BLOCK_M, UPCAST, PRECISION)
+                                        True, HEAD_DIM, BLOCK_D, BLOCK_M, UPCAST, PRECISION)
         dk, dv = _dkdv_from_query_tiles(dk, dv, k, v, q_base, do_base, LSE2 + row0, DELTA + row0, stride_qm, stride_dom,
                                         offs_n, offs_m, offs_d, full_start, n_q, n_q, diag, qk_scale,
-                                        False, HEAD_DIM, BLOCK_M, UPCAST, PRECISION)
+                                        False, HEAD_DIM, BLOCK_D, BLOCK_M, UPCAST, PRECISION)
     tl.store(DK + off_b * stride_dkb + off_hkv * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
              (dk * scale).to(DK.dtype.element_ty), mask=kv_ok)
     tl.store(DV + off_b * stride_dvb + off_hkv * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
@@ -138,15 +138,13 @@ def flash_backward_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV,
 @triton.jit
 def _dq_from_key_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d,
                        start, stop, n_k, diag, qk_scale,
-                       MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                       MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                        UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """Accumulate dQ of one query tile over the key tiles [start, stop)."""
-    d_ok = offs_d[None, :] < HEAD_DIM
     for start_n in range(start, stop, BLOCK_N):
         cols = start_n + offs_n
-        ok = d_ok & (cols[:, None] < n_k)
-        k = tl.load(k_base + cols[:, None] * stride_kn, mask=ok, other=0.0)
-        v = tl.load(v_base + cols[:, None] * stride_vn, mask=ok, other=0.0)
+        k = load_tile(k_base + cols[:, None] * stride_kn, cols, n_k, offs_d, True, HEAD_DIM, BLOCK_D)
+        v = load_tile(v_base + cols[:, None] * stride_vn, cols, n_k, offs_d, True, HEAD_DIM, BLOCK_D)
         if UPCAST:
             k, v = k.to(tl.float32), v.to(tl.float32)
         # Keys past n_k load as zeros: their dS multiplies a zero row of K and adds nothing.
@@ -203,8 +201,8 @@ def flash_backward_dq_kernel(Q, K, V, DO, LSE2, DELTA, DQ,
         stop = n_k
         full_end = n_k
     dq = _dq_from_key_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d,
-                            0, full_end, n_k, diag, qk_scale, False, HEAD_DIM, BLOCK_N, UPCAST, PRECISION)
+                            0, full_end, n_k, diag, qk_scale, False, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, PRECISION)
     dq = _dq_from_key_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d,
-                            full_end, stop, n_k, diag, qk_scale, True, HEAD_DIM, BLOCK_N, UPCAST, PRECISION)
+                            full_end, stop, n_k, diag, qk_scale, True, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, PRECISION)
     tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
              (dq * scale).to(DQ.dtype.element_ty), mask=ok)

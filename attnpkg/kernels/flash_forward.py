@@ -15,6 +15,8 @@ diagonal are never loaded.
 import triton
 import triton.language as tl
 
+from .tiles import load_tile
+
 LN2 = tl.constexpr(0.6931471805599453)
 
 
@@ -25,12 +27,10 @@ def _attend_to_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, off
                      BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
                      PRECISION: tl.constexpr):
     """Fold the key/value tiles in [start, stop) into the running (acc, m, l) of one query tile."""
-    d_ok = offs_d[None, :] < HEAD_DIM
     for start_n in range(start, stop, BLOCK_N):
         cols = start_n + offs_n
-        kv_ok = d_ok & (cols[:, None] < n_k) if MASKED else d_ok
-        k = tl.load(k_base + cols[:, None] * stride_kn, mask=kv_ok, other=0.0)
-        v = tl.load(v_base + cols[:, None] * stride_vn, mask=kv_ok, other=0.0)
+        k = load_tile(k_base + cols[:, None] * stride_kn, cols, n_k, offs_d, MASKED, HEAD_DIM, BLOCK_D)
+        v = load_tile(v_base + cols[:, None] * stride_vn, cols, n_k, offs_d, MASKED, HEAD_DIM, BLOCK_D)
         if UPCAST:
             k, v = k.to(tl.float32), v.to(tl.float32)
         # s = scale * log2(e) * q k^T: logits in base 2.
@@ -78,8 +78,8 @@ def flash_forward_kernel(Q, K, V, O, LSE,
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)                # head_dim padded to a power of two; the pad is masked
     row_ok = (offs_m[:, None] < n_q) & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                mask=row_ok, other=0.0)
+    q = load_tile(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                  offs_m, n_q, offs_d, True, HEAD_DIM, BLOCK_D)
     if UPCAST:
         q = q.to(tl.float32)
     k_base = K + off_b * stride_kb + off_hkv * stride_kh + offs_d[None, :] * stride_kd

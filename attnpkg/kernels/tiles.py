@@ -1,0 +1,18 @@
+"""Small helpers shared by the attention kernels."""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def load_tile(ptrs, rows, n_rows, offs_d, CHECK_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Load a (rows x BLOCK_D) tile, zero-filling rows past ``n_rows`` and columns past ``HEAD_DIM``.
+
+    Masks are emitted only where they can be needed, so full tiles of a power-of-two head
+    dimension load without predicates."""
+    if CHECK_ROWS:
+        if HEAD_DIM == BLOCK_D:
+            return tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
+        return tl.load(ptrs, mask=(rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    if HEAD_DIM == BLOCK_D:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
