@@ -38,9 +38,9 @@ class Tiles(NamedTuple):
 
 # Tiles by kernel and padded head dim, for Hopper GPUs (measured on an H100: benchmarks/NOTES.md).
 HOPPER_TILES = {
-    "forward": {64: Tiles(128, 64, 4, 3), 128: Tiles(128, 64, 8, 3), 256: Tiles(64, 32, 8, 2)},
-    "dkdv": {64: Tiles(128, 64, 8, 3), 128: Tiles(128, 64, 8, 3), 256: Tiles(64, 32, 8, 2)},
-    "dq": {64: Tiles(128, 64, 8, 3), 128: Tiles(128, 64, 8, 3), 256: Tiles(64, 32, 8, 2)},
+    "forward": {64: Tiles(128, 64, 8, 3), 128: Tiles(128, 128, 8, 3), 256: Tiles(64, 32, 8, 2)},
+    "dkdv": {64: Tiles(128, 32, 4, 3), 128: Tiles(128, 64, 8, 3), 256: Tiles(64, 32, 8, 2)},
+    "dq": {64: Tiles(128, 64, 8, 3), 128: Tiles(128, 128, 8, 2), 256: Tiles(64, 32, 8, 2)},
 }
 # Other GPUs (and fp32 inputs, whose tiles take twice the shared memory): smaller tiles that fit anywhere.
 SMALL_TILES = {64: Tiles(64, 64, 4, 2), 128: Tiles(64, 32, 4, 2), 256: Tiles(32, 32, 4, 1)}
@@ -216,8 +216,8 @@ def _check_inputs(q, k, v, scale):
         raise ValueError(f"flash_attention: query heads ({hq}) must be a multiple of key/value heads ({hkv})")
     if not 1 <= d <= MAX_HEAD_DIM:
         raise ValueError(f"flash_attention: head_dim must be between 1 and {MAX_HEAD_DIM}, got {d}")
-    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
-        raise ValueError(f"flash_attention: scale must be a finite number, got {scale!r}")
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+        raise ValueError(f"flash_attention: scale must be a positive finite number, got {scale!r}")
     if q.device.type == "cuda":
         major, minor = _capability(q.device)
         if q.dtype == torch.bfloat16 and major < 8:
@@ -249,7 +249,8 @@ def flash_attention(q, k, v, *, causal=False, scale=None, return_lse=False):
             query sees every key, as in a decoder extending a key cache). With ``Nq == Nk`` this is
             SDPA's ``is_causal=True``; with ``Nq != Nk`` SDPA aligns top-left (``j <= i``) instead.
             Queries that see no key (``i < Nq - Nk``) output zeros, with lse ``-inf`` and zero gradients.
-        scale: multiplies ``q k^T`` before the softmax; ``1/sqrt(D)`` by default.
+        scale: multiplies ``q k^T`` before the softmax; ``1/sqrt(D)`` by default. It must be
+            positive (the kernels take the row maximum before scaling).
         return_lse: also return the row log-sum-exp ``lse[b, h, i] = log sum_j exp(scale q_i.k_j)``
             (natural log, float32, ``(B, Hq, Nq)``), the quantity that merges partial attentions.
 

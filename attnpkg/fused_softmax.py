@@ -16,6 +16,10 @@ def _rows(x):
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _manual_bf16(x):
+    return os.environ.get("TRITON_INTERPRET") == "1" and x.dtype == torch.bfloat16
+
+
 def _block(n_cols):
     cap = 1024 if os.environ.get("TRITON_INTERPRET") == "1" else 4096
     return min(cap, max(16, triton.next_power_of_2(n_cols)))
@@ -28,7 +32,7 @@ class _Softmax(torch.autograd.Function):
         p = torch.empty_like(rows)
         if rows.numel():
             softmax_forward_kernel[(rows.shape[0],)](rows, p, rows.stride(0), p.stride(0), rows.shape[1],
-                                                     BLOCK=_block(rows.shape[1]))
+                                                     BLOCK=_block(rows.shape[1]), MANUAL_BF16=_manual_bf16(x))
         p = p.view(x.shape)
         ctx.save_for_backward(p)
         return p
@@ -40,7 +44,8 @@ class _Softmax(torch.autograd.Function):
         dx = torch.empty_like(p_rows)
         if p_rows.numel():
             softmax_backward_kernel[(p_rows.shape[0],)](p_rows, dp_rows, dx, p_rows.stride(0), dp_rows.stride(0),
-                                                        dx.stride(0), p_rows.shape[1], BLOCK=_block(p_rows.shape[1]))
+                                                        dx.stride(0), p_rows.shape[1], BLOCK=_block(p_rows.shape[1]),
+                                                        MANUAL_BF16=_manual_bf16(p))
         return dx.view(p.shape)
 
 

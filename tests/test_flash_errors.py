@@ -65,8 +65,9 @@ def test_different_devices():
 
 def test_bad_scale():
     x = t(1, 1, 4, 16)
-    with pytest.raises(ValueError, match=r"scale must be a finite number"):
-        attnpkg.flash_attention(x, x, x, scale=float("nan"))
+    for bad in (float("nan"), float("inf"), 0.0, -0.5):
+        with pytest.raises(ValueError, match=r"scale must be a positive finite number"):
+            attnpkg.flash_attention(x, x, x, scale=bad)
 
 
 def test_bf16_on_an_old_gpu_is_refused(monkeypatch):

@@ -17,7 +17,7 @@ on every run. The price is that S and dP are computed twice (once per kernel).
 import triton
 import triton.language as tl
 
-from .tiles import load_tile
+from .tiles import load_tile, round_to
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -130,9 +130,9 @@ def flash_backward_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV,
                                         offs_n, offs_m, offs_d, full_start, n_q, n_q, diag, qk_scale,
                                         False, HEAD_DIM, BLOCK_D, BLOCK_M, UPCAST, PRECISION)
     tl.store(DK + off_b * stride_dkb + off_hkv * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
-             (dk * scale).to(DK.dtype.element_ty), mask=kv_ok)
+             round_to(dk * scale, DK.dtype.element_ty, UPCAST), mask=kv_ok)
     tl.store(DV + off_b * stride_dvb + off_hkv * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
-             dv.to(DV.dtype.element_ty), mask=kv_ok)
+             round_to(dv, DV.dtype.element_ty, UPCAST), mask=kv_ok)
 
 
 @triton.jit
@@ -205,4 +205,4 @@ def flash_backward_dq_kernel(Q, K, V, DO, LSE2, DELTA, DQ,
     dq = _dq_from_key_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d,
                             full_end, stop, n_k, diag, qk_scale, True, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, PRECISION)
     tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
-             (dq * scale).to(DQ.dtype.element_ty), mask=ok)
+             round_to(dq * scale, DQ.dtype.element_ty, UPCAST), mask=ok)

@@ -15,7 +15,7 @@ diagonal are never loaded.
 import triton
 import triton.language as tl
 
-from .tiles import load_tile
+from .tiles import load_tile, round_to
 
 LN2 = tl.constexpr(0.6931471805599453)
 
@@ -33,21 +33,21 @@ def _attend_to_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, off
         v = load_tile(v_base + cols[:, None] * stride_vn, cols, n_k, offs_d, MASKED, HEAD_DIM, BLOCK_D)
         if UPCAST:
             k, v = k.to(tl.float32), v.to(tl.float32)
-        # s = scale * log2(e) * q k^T: logits in base 2.
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         if MASKED:
             visible = cols[None, :] < n_k
             if CAUSAL:
                 visible = visible & (cols[None, :] <= offs_m[:, None] + diag)
-            s = tl.where(visible, s, float("-inf"))
-        # New running maximum. A row that has seen no key yet keeps m = -inf; shifting by 0
-        # instead keeps its p = 2^-inf = 0 and alpha = 0 free of NaN.
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+            qk = tl.where(visible, qk, float("-inf"))
+        # New running maximum of the base-2 logits s = qk_scale * q.k (qk_scale > 0, so the max
+        # commutes with the scaling). A row that has seen no key yet keeps m = -inf; shifting
+        # by 0 instead keeps its p = 2^-inf = 0 and alpha = 0 free of NaN.
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
         if MASKED:
             m_new_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         else:
             m_new_safe = m_new
-        p = tl.math.exp2(s - m_new_safe[:, None])
+        p = tl.math.exp2(qk * qk_scale - m_new_safe[:, None])      # one fused multiply-add per logit
         # Rescale what was accumulated under the old maximum: the invariant is
         # acc = sum_j 2^(s_j - m) v_j and l = sum_j 2^(s_j - m) over the keys seen so far.
         alpha = tl.math.exp2(m_i - m_new_safe)
@@ -109,5 +109,5 @@ def flash_forward_kernel(Q, K, V, O, LSE,
     o = acc / l_safe[:, None]
     lse = tl.where(l_i == 0.0, float("-inf"), (m_i + tl.math.log2(l_safe)) * LN2)
     tl.store(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
-             o.to(O.dtype.element_ty), mask=row_ok)
+             round_to(o, O.dtype.element_ty, UPCAST), mask=row_ok)
     tl.store(LSE + off_bh.to(tl.int64) * n_q + offs_m, lse, mask=offs_m < n_q)

@@ -8,11 +8,13 @@ backward pass computes ``dx = p * (dp - <dp, p>)`` without the Jacobian, also in
 import triton
 import triton.language as tl
 
+from .tiles import round_to
+
 LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
-def softmax_forward_kernel(X, P, stride_x, stride_p, n_cols, BLOCK: tl.constexpr):
+def softmax_forward_kernel(X, P, stride_x, stride_p, n_cols, BLOCK: tl.constexpr, MANUAL_BF16: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     m = tl.full([BLOCK], float("-inf"), dtype=tl.float32)   # per-lane running max and sum
@@ -30,11 +32,12 @@ def softmax_forward_kernel(X, P, stride_x, stride_p, n_cols, BLOCK: tl.constexpr
         ok = start + cols < n_cols
         x = tl.load(X + row * stride_x + start + cols, mask=ok, other=float("-inf")).to(tl.float32)
         p = tl.math.exp2((x - m_row) * LOG2E) / l_row
-        tl.store(P + row * stride_p + start + cols, p.to(P.dtype.element_ty), mask=ok)
+        tl.store(P + row * stride_p + start + cols, round_to(p, P.dtype.element_ty, MANUAL_BF16), mask=ok)
 
 
 @triton.jit
-def softmax_backward_kernel(P, DP, DX, stride_p, stride_dp, stride_dx, n_cols, BLOCK: tl.constexpr):
+def softmax_backward_kernel(P, DP, DX, stride_p, stride_dp, stride_dx, n_cols, BLOCK: tl.constexpr,
+                            MANUAL_BF16: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     dot = tl.zeros([BLOCK], dtype=tl.float32)
@@ -48,4 +51,4 @@ def softmax_backward_kernel(P, DP, DX, stride_p, stride_dp, stride_dx, n_cols, B
         ok = start + cols < n_cols
         p = tl.load(P + row * stride_p + start + cols, mask=ok, other=0.0).to(tl.float32)
         dp = tl.load(DP + row * stride_dp + start + cols, mask=ok, other=0.0).to(tl.float32)
-        tl.store(DX + row * stride_dx + start + cols, (p * (dp - dot_row)).to(DX.dtype.element_ty), mask=ok)
+        tl.store(DX + row * stride_dx + start + cols, round_to(p * (dp - dot_row), DX.dtype.element_ty, MANUAL_BF16), mask=ok)

@@ -16,3 +16,18 @@ def load_tile(ptrs, rows, n_rows, offs_d, CHECK_ROWS: tl.constexpr, HEAD_DIM: tl
     if HEAD_DIM == BLOCK_D:
         return tl.load(ptrs)
     return tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+
+
+@triton.jit
+def round_to(x, dtype: tl.constexpr, MANUAL_BF16: tl.constexpr):
+    """Convert float32 ``x`` to an output dtype, rounding to nearest even.
+
+    The GPU does that by itself. Triton's interpreter truncates float32 -> bfloat16, so when
+    ``MANUAL_BF16`` is set (interpreting, bf16 output) the rounding is done on the bits."""
+    if dtype == tl.float32:
+        return x
+    if MANUAL_BF16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)          # round half to even on the top 16 bits
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return x.to(dtype)
