@@ -13,6 +13,11 @@ from typing import NamedTuple, Optional
 import torch
 import triton
 
+try:                                    # host-side tensor descriptors (Triton >= 3.3)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
+    TensorDescriptor = None
+
 from .kernels.flash_backward import (flash_backward_dkdv_kernel, flash_backward_dq_kernel,
                                      flash_backward_preprocess)
 from .kernels.flash_forward import flash_forward_kernel
@@ -29,31 +34,43 @@ def _interpreting() -> bool:
 
 
 class Tiles(NamedTuple):
-    """Launch shape of one kernel: rows of the program's own tile, rows of the streamed tile, warps, stages."""
+    """Launch shape of one kernel: rows of the program's own tile, rows of the streamed tile, warps,
+    pipeline stages, and (forward only) Triton's automatic warp specialization of the main loop."""
     own: int
     streamed: int
     num_warps: int
     num_stages: int
+    warp_specialize: bool = False
+    tma: bool = False        # forward only: K and V tiles through tensor descriptors (Hopper's TMA)
 
 
-# Tiles by kernel and padded head dim, for Hopper GPUs (measured on an H100: benchmarks/NOTES.md).
+# Tiles by kernel, padded head dim and causal flag, for Hopper GPUs: the fastest candidates of
+# benchmarks/sweep_tiles.py on an H100 (see benchmarks/NOTES.md).
+_T = Tiles
 HOPPER_TILES = {
-    "forward": {64: Tiles(128, 64, 8, 3), 128: Tiles(128, 128, 8, 3), 256: Tiles(64, 32, 8, 2)},
-    "dkdv": {64: Tiles(128, 32, 4, 3), 128: Tiles(128, 64, 8, 3), 256: Tiles(64, 32, 8, 2)},
-    "dq": {64: Tiles(128, 64, 8, 3), 128: Tiles(128, 128, 8, 2), 256: Tiles(64, 32, 8, 2)},
+    "forward": {(64, False): _T(128, 64, 8, 3), (64, True): _T(128, 64, 8, 3),
+                (128, False): _T(128, 128, 8, 3, warp_specialize=True, tma=True),
+                (128, True): _T(128, 128, 8, 3, tma=True),
+                (256, False): _T(64, 32, 8, 2), (256, True): _T(64, 32, 8, 2)},
+    "dkdv": {(64, False): _T(128, 32, 4, 3), (64, True): _T(128, 32, 4, 3),
+             (128, False): _T(128, 64, 8, 3), (128, True): _T(128, 64, 8, 3),
+             (256, False): _T(64, 32, 8, 2), (256, True): _T(64, 32, 8, 2)},
+    "dq": {(64, False): _T(128, 64, 8, 3), (64, True): _T(128, 64, 8, 3),
+           (128, False): _T(128, 128, 8, 2), (128, True): _T(128, 128, 8, 2),
+           (256, False): _T(64, 32, 8, 2), (256, True): _T(64, 32, 8, 2)},
 }
 # Other GPUs (and fp32 inputs, whose tiles take twice the shared memory): smaller tiles that fit anywhere.
-SMALL_TILES = {64: Tiles(64, 64, 4, 2), 128: Tiles(64, 32, 4, 2), 256: Tiles(32, 32, 4, 1)}
-INTERPRETER_TILES = Tiles(32, 32, 4, 1)     # one program at a time on the CPU: any tile is exact
+SMALL_TILES = {64: _T(64, 64, 4, 2), 128: _T(64, 32, 4, 2), 256: _T(32, 32, 4, 1)}
+INTERPRETER_TILES = _T(32, 32, 4, 1)     # one program at a time on the CPU: any tile is exact
 
 
-def tiles_for(kernel: str, block_d: int, dtype: torch.dtype, device: torch.device) -> Tiles:
-    """The tile configuration of ``kernel`` ("forward", "dkdv" or "dq") for this head dim, dtype and GPU."""
+def tiles_for(kernel: str, block_d: int, dtype: torch.dtype, device: torch.device, causal: bool) -> Tiles:
+    """The tile configuration of ``kernel`` ("forward", "dkdv" or "dq") for this head dim, dtype, GPU and mask."""
     if device.type != "cuda":
         return INTERPRETER_TILES
     size = 64 if block_d <= 64 else 128 if block_d <= 128 else 256
     if dtype != torch.float32 and _capability(device) >= (9, 0):
-        return HOPPER_TILES[kernel][size]
+        return HOPPER_TILES[kernel][(size, causal)]
     return SMALL_TILES[size]
 
 
@@ -64,6 +81,20 @@ def _device_capability(index: int) -> tuple[int, int]:
 
 def _capability(device: torch.device) -> tuple[int, int]:
     return _device_capability(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def _kv_descriptors(k, v, t: Tiles, block_d: int):
+    """Tensor descriptors of K and V as (B * Hkv * Nk, D) row matrices, or None where TMA can't be used:
+    not asked for, Triton too old, or a layout whose rows are not evenly strided and 16-byte aligned."""
+    if not t.tma or TensorDescriptor is None:
+        return None
+    for x in (k, v):
+        b, h, n, d = x.shape
+        if (x.stride(3) != 1 or x.stride(1) != n * x.stride(2) or x.stride(0) != h * x.stride(1)
+                or (x.stride(2) * x.element_size()) % 16 or x.data_ptr() % 16):
+            return None
+    return tuple(TensorDescriptor(x, shape=[x.shape[0] * x.shape[1] * x.shape[2], x.shape[3]],
+                                  strides=[x.stride(2), 1], block_shape=[t.streamed, block_d]) for x in (k, v))
 
 
 def _kernel_meta(q):
@@ -84,11 +115,13 @@ def forward_impl(q, k, v, causal: bool, scale: float):
     if n_k == 0:                               # no key at all: every row is fully masked
         return o.zero_(), lse.fill_(float("-inf"))
     meta = _kernel_meta(q)
-    t = tiles_for("forward", meta["BLOCK_D"], q.dtype, q.device)
+    t = tiles_for("forward", meta["BLOCK_D"], q.dtype, q.device, causal)
+    descriptors = _kv_descriptors(k, v, t, meta["BLOCK_D"])
     flash_forward_kernel[(triton.cdiv(n_q, t.own), batch * n_heads)](
-        q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+        q, k, v, o, lse, *(descriptors or (k, v)), *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         n_heads, n_q, n_k, scale * LOG2E,
         GROUP=n_heads // n_kv_heads, CAUSAL=causal, BLOCK_M=t.own, BLOCK_N=t.streamed,
+        WARP_SPECIALIZE=t.warp_specialize, USE_TMA=descriptors is not None,
         num_warps=t.num_warps, num_stages=t.num_stages, **meta)
     return o, lse
 
@@ -107,19 +140,19 @@ def backward_impl(do, q, k, v, o, lse, dlse, causal: bool, scale: float):
     lse2 = torch.empty_like(delta)
     rows = 32 if _interpreting() else 64
     flash_backward_preprocess[(triton.cdiv(n_q, rows), batch * n_heads)](
-        o, do, lse, dlse if dlse is not None else lse, delta, lse2,
+        o, do, lse, dlse.contiguous() if dlse is not None else lse, delta, lse2,   # dlse may be a stride-0 expand
         *o.stride(), *do.stride(), n_heads, n_q,
         HEAD_DIM=head_dim, BLOCK_D=meta["BLOCK_D"], BLOCK_M=rows, HAS_DLSE=dlse is not None)
     group = n_heads // n_kv_heads
     # dK/dV: one program owns a tile of keys; tiles of queries stream past it.
-    t = tiles_for("dkdv", meta["BLOCK_D"], q.dtype, q.device)
+    t = tiles_for("dkdv", meta["BLOCK_D"], q.dtype, q.device, causal)
     flash_backward_dkdv_kernel[(triton.cdiv(n_k, t.own), batch * n_kv_heads)](
         q, k, v, do, lse2, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         n_kv_heads, n_q, n_k, scale * LOG2E, scale, GROUP=group, CAUSAL=causal,
         BLOCK_N=t.own, BLOCK_M=t.streamed, num_warps=t.num_warps, num_stages=t.num_stages, **meta)
     # dQ: one program owns a tile of queries; tiles of keys stream past it.
-    t = tiles_for("dq", meta["BLOCK_D"], q.dtype, q.device)
+    t = tiles_for("dq", meta["BLOCK_D"], q.dtype, q.device, causal)
     flash_backward_dq_kernel[(triton.cdiv(n_q, t.own), batch * n_heads)](
         q, k, v, do, lse2, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
@@ -134,13 +167,17 @@ class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, causal, scale):
         o, lse = forward_impl(q, k, v, causal, scale)
+        ctx.set_materialize_grads(False)        # an unused lse gets None, not a tensor of zeros
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.causal, ctx.scale = causal, scale
         return o, lse
 
     @staticmethod
     def backward(ctx, do, dlse):
-        return _backward_rule(ctx, do, dlse)
+        q, k, v, o, lse = ctx.saved_tensors
+        do = torch.zeros_like(o) if do is None else do
+        dq, dk, dv = backward_impl(do, q, k, v, o, lse, dlse, ctx.causal, ctx.scale)
+        return dq, dk, dv, None, None
 
 
 # The same kernels as torch.library custom ops, which torch.compile can trace (fake implementations give
@@ -179,8 +216,7 @@ def _setup_context(ctx, inputs, output):
 def _backward_rule(ctx, do, dlse):
     q, k, v, o, lse = ctx.saved_tensors
     do = torch.zeros_like(o) if do is None else do
-    backward = _backward_op if torch.compiler.is_compiling() else backward_impl
-    dq, dk, dv = backward(do, q, k, v, o, lse, dlse, ctx.causal, ctx.scale)
+    dq, dk, dv = _backward_op(do, q, k, v, o, lse, dlse, ctx.causal, ctx.scale)
     return dq, dk, dv, None, None
 
 

@@ -10,6 +10,7 @@ a CSV and plots. Without a CUDA GPU it says so and exits.
     python -m attnpkg.bench                 # the full sweep (about 10 minutes on an H100)
     python -m attnpkg.bench --quick         # N in {1k, 4k, 16k}, bf16 (a couple of minutes)
     python -m attnpkg.bench --case 128,causal,bf16,8192
+    python -m attnpkg.bench --memory        # also peak memory of forward + backward against N
 """
 import argparse
 import csv
@@ -69,6 +70,51 @@ def measure(provider, head_dim, causal, dtype, n, check_against=None):
     backward_ms = do_bench(lambda: o.backward(do, retain_graph=True), warmup=25, rep=100,
                            grad_to_none=[q, k, v], return_mode="median")
     return forward_ms, backward_ms, o
+
+
+MEMORY_PROVIDERS = ("attnpkg", "materialised")
+
+
+def measure_memory(provider, n, head_dim=128, heads=16, batch=1, dtype=torch.bfloat16):
+    """Peak memory allocated by one forward plus backward pass, beyond the inputs (bytes), or None if it does not fit."""
+    import attnpkg
+    fn = (lambda q, k, v: attnpkg.flash_attention(q, k, v, causal=True)) if provider == "attnpkg" else \
+        (lambda q, k, v: attnpkg.reference.attention(q, k, v, causal=True))
+    q, k, v = (torch.randn(batch, heads, n, head_dim, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+    do = torch.randn_like(q)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    try:
+        fn(q, k, v).backward(do)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    except torch.OutOfMemoryError:
+        return None
+    finally:
+        del q, k, v, do
+        torch.cuda.empty_cache()
+
+
+def run_memory(out_dir, lengths=(1024, 2048, 4096, 8192, 16384)):
+    env = environment()
+    rows = []
+    for n in lengths:
+        for provider in MEMORY_PROVIDERS:
+            peak = measure_memory(provider, n)
+            rows.append(dict(n=n, head_dim=128, heads=16, batch=1, dtype="bf16", causal=True, provider=provider,
+                             peak_bytes=peak))
+        print(f"memory N={n:<6} " + "  ".join(f"{r['provider']} {r['peak_bytes'] / 2**20:9.1f} MiB" if r["peak_bytes"]
+                                             else f"{r['provider']} out of memory" for r in rows[-2:]), flush=True)
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "memory.csv")
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) + list(env))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**row, **env})
+    print(f"wrote {path}")
+    return rows
 
 
 def matmul_ceiling():
@@ -190,6 +236,8 @@ def main(argv=None):
     parser.add_argument("--case", type=parse_case, action="append", help="one case: D,causal|full,bf16|fp16,N (repeatable)")
     parser.add_argument("--out", default="bench-results", help="folder for the CSV and the plots")
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--memory", action="store_true",
+                        help="also measure peak memory of forward + backward, flash against materialised, N = 1k..16k")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("python -m attnpkg.bench: no CUDA GPU here, nothing to measure "
@@ -202,6 +250,8 @@ def main(argv=None):
         dtypes = ("bf16",) if args.quick else ("bf16", "fp16")
         cases = [(d, c, t, n) for t in dtypes for d in (64, 128) for c in (False, True) for n in lengths]
     run(cases, args.out, plot=not args.no_plot)
+    if args.memory:
+        run_memory(args.out)
     return 0
 
 

@@ -17,8 +17,9 @@ from attnpkg.bench import attention_flops, heads_for
 
 T = attention.Tiles
 CANDIDATES = {
-    "forward": [T(128, 64, 4, 3), T(128, 64, 8, 3), T(128, 128, 8, 3), T(128, 128, 8, 2), T(128, 64, 8, 4),
-                T(64, 64, 4, 3), T(128, 32, 4, 4), T(64, 128, 4, 3)],
+    "forward": [T(128, 64, 8, 3), T(128, 128, 8, 3), T(128, 64, 8, 4), T(128, 128, 8, 3, True),
+                T(128, 64, 8, 3, False, True), T(128, 128, 8, 3, False, True), T(128, 64, 8, 4, False, True),
+                T(128, 128, 8, 2, False, True), T(128, 128, 8, 3, True, True), T(128, 64, 8, 3, True, True)],
     "dkdv": [T(128, 64, 8, 3), T(128, 32, 4, 3), T(128, 64, 4, 3), T(64, 64, 4, 3), T(128, 128, 8, 2),
              T(64, 128, 4, 3), T(128, 32, 8, 3), T(64, 32, 4, 3)],
     "dq": [T(128, 64, 8, 3), T(128, 32, 4, 3), T(128, 64, 4, 3), T(64, 64, 4, 3), T(128, 128, 8, 2),
@@ -56,9 +57,10 @@ def main():
     print(f"{torch.cuda.get_device_name()} N={args.n} {args.dtype} (backward TFLOP/s: whole backward, one kernel varied)")
     for kernel, head_dim, causal in itertools.product(args.kernels.split(","), (64, 128), (False, True)):
         results = [(time_kernel(kernel, t, head_dim, causal, dtype, args.n), t) for t in CANDIDATES[kernel]]
-        line = "  ".join(f"{tuple(t)}:{r:.0f}" if isinstance(r, float) else f"{tuple(t)}:{r}" for r, t in results)
+        show = lambda t: ",".join(str(int(x)) for x in t)
+        line = "  ".join(f"{show(t)}:{r:.0f}" if isinstance(r, float) else f"{show(t)}:{r}" for r, t in results)
         best = max((r, t) for r, t in results if isinstance(r, float))
-        print(f"{kernel:7} D{head_dim} {'causal' if causal else 'full  '} best {tuple(best[1])} {best[0]:.0f} | {line}", flush=True)
+        print(f"{kernel:7} D{head_dim} {'causal' if causal else 'full  '} best {show(best[1])} {best[0]:.0f} | {line}", flush=True)
 
 
 if __name__ == "__main__":

@@ -122,6 +122,19 @@ def test_gradient_through_lse():
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
+def test_gradient_of_lse_sum_is_an_expanded_tensor():
+    """lse.sum() sends back a stride-0 gradient; the kernel must not read it as contiguous."""
+    q, k, v, do = random_inputs(1, 2, 2, 16, 24, 16, torch.float32)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    o, lse = attnpkg.flash_attention(*leaves, return_lse=True)
+    (o.sum() + lse.sum()).backward()
+    ref = [t.double().requires_grad_() for t in (q, k, v)]
+    o64, lse64 = attnpkg.reference.attention(*ref, return_lse=True)
+    (o64.sum() + lse64.sum()).backward()
+    for got, want in zip(leaves, ref):
+        torch.testing.assert_close(got.grad.double(), want.grad, atol=1e-4, rtol=1e-4)
+
+
 def test_backward_is_deterministic():
     q, k, v, do = random_inputs(2, 4, 2, 70, 70, 32, HALF)
     first, second = run_flash(q, k, v, do, True), run_flash(q, k, v, do, True)
@@ -146,6 +159,23 @@ def test_empty_inputs(shape_q, shape_kv):
         assert torch.all(o == 0) and torch.all(lse == float("-inf"))
     o.sum().backward()
     assert q.grad.shape == q.shape and k.grad.shape == k.shape and not q.grad.isnan().any()
+
+
+def test_torch_compile_traces_the_custom_ops():
+    """fullgraph tracing through the registered ops and their fake implementations (aot_eager: no codegen)."""
+    q, k, v = (torch.randn(1, 2, 40, 16, device=DEVICE, dtype=HALF, requires_grad=True) for _ in range(3))
+
+    def layer(q, k, v):
+        o, lse = attnpkg.flash_attention(q, k, v, causal=True, return_lse=True)
+        return (o * 2).sum() + lse.sum()
+
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    loss = compiled(q, k, v)
+    got = torch.autograd.grad(loss, (q, k, v))
+    want = torch.autograd.grad(layer(q, k, v), (q, k, v))
+    torch.testing.assert_close(loss, layer(q, k, v))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
 
 
 # Larger shapes: too slow for the interpreter, run where there is a GPU.

@@ -21,16 +21,22 @@ LN2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
-def _attend_to_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d,
-                     start, stop, n_k, diag, qk_scale,
+def _attend_to_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, k_desc, v_desc, kv_row0,
+                     offs_m, offs_n, offs_d, start, stop, n_k, diag, qk_scale,
                      MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
                      BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
-                     PRECISION: tl.constexpr):
+                     PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, USE_TMA: tl.constexpr):
     """Fold the key/value tiles in [start, stop) into the running (acc, m, l) of one query tile."""
-    for start_n in range(start, stop, BLOCK_N):
+    for start_n in tl.range(start, stop, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         cols = start_n + offs_n
-        k = load_tile(k_base + cols[:, None] * stride_kn, cols, n_k, offs_d, MASKED, HEAD_DIM, BLOCK_D)
-        v = load_tile(v_base + cols[:, None] * stride_vn, cols, n_k, offs_d, MASKED, HEAD_DIM, BLOCK_D)
+        if USE_TMA:
+            # Hopper's tensor memory accelerator copies the tile; rows past this head's keys
+            # (the next head's, or zeros past the tensor) are masked out of the scores below.
+            k = k_desc.load([kv_row0 + start_n, 0])
+            v = v_desc.load([kv_row0 + start_n, 0])
+        else:
+            k = load_tile(k_base + cols[:, None] * stride_kn, cols, n_k, offs_d, MASKED, HEAD_DIM, BLOCK_D)
+            v = load_tile(v_base + cols[:, None] * stride_vn, cols, n_k, offs_d, MASKED, HEAD_DIM, BLOCK_D)
         if UPCAST:
             k, v = k.to(tl.float32), v.to(tl.float32)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
@@ -58,7 +64,7 @@ def _attend_to_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, off
 
 
 @triton.jit
-def flash_forward_kernel(Q, K, V, O, LSE,
+def flash_forward_kernel(Q, K, V, O, LSE, K_DESC, V_DESC,
                          stride_qb, stride_qh, stride_qm, stride_qd,
                          stride_kb, stride_kh, stride_kn, stride_kd,
                          stride_vb, stride_vh, stride_vn, stride_vd,
@@ -66,8 +72,11 @@ def flash_forward_kernel(Q, K, V, O, LSE,
                          n_heads, n_q, n_k, qk_scale,
                          GROUP: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """Grid: (cdiv(Nq, BLOCK_M), B * Hq). Writes O (B, Hq, Nq, D) and LSE (B, Hq, Nq), natural log."""
+                         UPCAST: tl.constexpr, PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
+                         USE_TMA: tl.constexpr):
+    """Grid: (cdiv(Nq, BLOCK_M), B * Hq). Writes O (B, Hq, Nq, D) and LSE (B, Hq, Nq), natural log.
+
+    With USE_TMA, K_DESC and V_DESC are tensor descriptors of K and V viewed as (B * Hkv * Nk, D)."""
     start_m = tl.program_id(0) * BLOCK_M
     off_bh = tl.program_id(1)
     off_b = (off_bh // n_heads).to(tl.int64)
@@ -84,6 +93,7 @@ def flash_forward_kernel(Q, K, V, O, LSE,
         q = q.to(tl.float32)
     k_base = K + off_b * stride_kb + off_hkv * stride_kh + offs_d[None, :] * stride_kd
     v_base = V + off_b * stride_vb + off_hkv * stride_vh + offs_d[None, :] * stride_vd
+    kv_row0 = ((off_b * (n_heads // GROUP) + off_hkv) * n_k).to(tl.int32)   # first row of this k/v head
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -97,12 +107,12 @@ def flash_forward_kernel(Q, K, V, O, LSE,
     else:
         stop = n_k
         full_end = (n_k // BLOCK_N) * BLOCK_N
-    acc, m_i, l_i = _attend_to_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d,
-                                     0, full_end, n_k, diag, qk_scale, False, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_N,
-                                     UPCAST, PRECISION)
-    acc, m_i, l_i = _attend_to_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d,
-                                     full_end, stop, n_k, diag, qk_scale, True, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_N,
-                                     UPCAST, PRECISION)
+    acc, m_i, l_i = _attend_to_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, K_DESC, V_DESC, kv_row0,
+                                     offs_m, offs_n, offs_d, 0, full_end, n_k, diag, qk_scale, False, CAUSAL,
+                                     HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, PRECISION, WARP_SPECIALIZE, USE_TMA)
+    acc, m_i, l_i = _attend_to_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, K_DESC, V_DESC, kv_row0,
+                                     offs_m, offs_n, offs_d, full_end, stop, n_k, diag, qk_scale, True, CAUSAL,
+                                     HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, PRECISION, False, USE_TMA)
 
     # Normalise. A row with no visible key has l = 0: its output is 0 and its lse is -inf.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
