@@ -97,9 +97,18 @@ def _kv_descriptors(k, v, t: Tiles, block_d: int):
                                   strides=[x.stride(2), 1], block_shape=[t.streamed, block_d]) for x in (k, v))
 
 
+# Plain Python on the host: triton.next_power_of_2 and triton.cdiv are slow to call outside a kernel.
+def _next_power_of_2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _kernel_meta(q):
     d = q.shape[-1]
-    return dict(HEAD_DIM=d, BLOCK_D=max(16, triton.next_power_of_2(d)),
+    return dict(HEAD_DIM=d, BLOCK_D=max(16, _next_power_of_2(d)),
                 UPCAST=_interpreting() and q.dtype == torch.bfloat16,   # the interpreter's tl.dot mishandles bf16
                 PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
 
@@ -117,7 +126,7 @@ def forward_impl(q, k, v, causal: bool, scale: float):
     meta = _kernel_meta(q)
     t = tiles_for("forward", meta["BLOCK_D"], q.dtype, q.device, causal)
     descriptors = _kv_descriptors(k, v, t, meta["BLOCK_D"])
-    flash_forward_kernel[(triton.cdiv(n_q, t.own), batch * n_heads)](
+    flash_forward_kernel[(_cdiv(n_q, t.own), batch * n_heads)](
         q, k, v, o, lse, *(descriptors or (k, v)), *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         n_heads, n_q, n_k, scale * LOG2E,
         GROUP=n_heads // n_kv_heads, CAUSAL=causal, BLOCK_M=t.own, BLOCK_N=t.streamed,
@@ -139,21 +148,21 @@ def backward_impl(do, q, k, v, o, lse, dlse, causal: bool, scale: float):
     delta = torch.empty((batch, n_heads, n_q), dtype=torch.float32, device=q.device)
     lse2 = torch.empty_like(delta)
     rows = 32 if _interpreting() else 64
-    flash_backward_preprocess[(triton.cdiv(n_q, rows), batch * n_heads)](
+    flash_backward_preprocess[(_cdiv(n_q, rows), batch * n_heads)](
         o, do, lse, dlse.contiguous() if dlse is not None else lse, delta, lse2,   # dlse may be a stride-0 expand
         *o.stride(), *do.stride(), n_heads, n_q,
         HEAD_DIM=head_dim, BLOCK_D=meta["BLOCK_D"], BLOCK_M=rows, HAS_DLSE=dlse is not None)
     group = n_heads // n_kv_heads
     # dK/dV: one program owns a tile of keys; tiles of queries stream past it.
     t = tiles_for("dkdv", meta["BLOCK_D"], q.dtype, q.device, causal)
-    flash_backward_dkdv_kernel[(triton.cdiv(n_k, t.own), batch * n_kv_heads)](
+    flash_backward_dkdv_kernel[(_cdiv(n_k, t.own), batch * n_kv_heads)](
         q, k, v, do, lse2, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         n_kv_heads, n_q, n_k, scale * LOG2E, scale, GROUP=group, CAUSAL=causal,
         BLOCK_N=t.own, BLOCK_M=t.streamed, num_warps=t.num_warps, num_stages=t.num_stages, **meta)
     # dQ: one program owns a tile of queries; tiles of keys stream past it.
     t = tiles_for("dq", meta["BLOCK_D"], q.dtype, q.device, causal)
-    flash_backward_dq_kernel[(triton.cdiv(n_q, t.own), batch * n_heads)](
+    flash_backward_dq_kernel[(_cdiv(n_q, t.own), batch * n_heads)](
         q, k, v, do, lse2, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         n_heads, n_q, n_k, scale * LOG2E, scale, GROUP=group, CAUSAL=causal,
@@ -302,6 +311,8 @@ def flash_attention(q, k, v, *, causal=False, scale=None, return_lse=False):
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if torch.compiler.is_compiling():
         o, lse = _forward_op(q, k, v, bool(causal), scale)
-    else:
+    elif torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         o, lse = _FlashAttention.apply(q, k, v, bool(causal), scale)
+    else:                                   # inference: no graph to record
+        o, lse = forward_impl(q, k, v, bool(causal), scale)
     return (o, lse) if return_lse else o

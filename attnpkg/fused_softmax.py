@@ -22,7 +22,7 @@ def _manual_bf16(x):
 
 def _block(n_cols):
     cap = 1024 if os.environ.get("TRITON_INTERPRET") == "1" else 4096
-    return min(cap, max(16, triton.next_power_of_2(n_cols)))
+    return min(cap, max(16, 1 << (n_cols - 1).bit_length()))
 
 
 class _Softmax(torch.autograd.Function):

@@ -170,7 +170,10 @@ def flash_backward_dq_kernel(Q, K, V, DO, LSE2, DELTA, DQ,
                              BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                              UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """Grid: (cdiv(Nq, BLOCK_M), B * Hq). Writes dQ of one query tile of one query head."""
-    start_m = tl.program_id(0) * BLOCK_M
+    if CAUSAL:   # longest rows first, so the last wave of programs is the shortest
+        start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    else:
+        start_m = tl.program_id(0) * BLOCK_M
     off_bh = tl.program_id(1)
     off_b = (off_bh // n_heads).to(tl.int64)
     off_h = (off_bh % n_heads).to(tl.int64)

@@ -77,7 +77,10 @@ def flash_forward_kernel(Q, K, V, O, LSE, K_DESC, V_DESC,
     """Grid: (cdiv(Nq, BLOCK_M), B * Hq). Writes O (B, Hq, Nq, D) and LSE (B, Hq, Nq), natural log.
 
     With USE_TMA, K_DESC and V_DESC are tensor descriptors of K and V viewed as (B * Hkv * Nk, D)."""
-    start_m = tl.program_id(0) * BLOCK_M
+    if CAUSAL:   # longest rows first, so the last wave of programs is the shortest
+        start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    else:
+        start_m = tl.program_id(0) * BLOCK_M
     off_bh = tl.program_id(1)
     off_b = (off_bh // n_heads).to(tl.int64)
     off_h = (off_bh % n_heads).to(tl.int64)
