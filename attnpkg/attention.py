@@ -49,7 +49,7 @@ class Tiles(NamedTuple):
 _T = Tiles
 HOPPER_TILES = {
     "forward": {(64, False): _T(128, 64, 8, 3), (64, True): _T(128, 64, 8, 3),
-                (128, False): _T(128, 128, 8, 3, warp_specialize=True, tma=True),
+                (128, False): _T(128, 128, 8, 3, tma=True),
                 (128, True): _T(128, 128, 8, 3, tma=True),
                 (256, False): _T(64, 32, 8, 2), (256, True): _T(64, 32, 8, 2)},
     "dkdv": {(64, False): _T(128, 32, 4, 3), (64, True): _T(128, 32, 4, 3),

@@ -19,7 +19,8 @@ T = attention.Tiles
 CANDIDATES = {
     "forward": [T(128, 64, 8, 3), T(128, 128, 8, 3), T(128, 64, 8, 4), T(128, 128, 8, 3, True),
                 T(128, 64, 8, 3, False, True), T(128, 128, 8, 3, False, True), T(128, 64, 8, 4, False, True),
-                T(128, 128, 8, 2, False, True), T(128, 128, 8, 3, True, True), T(128, 64, 8, 3, True, True)],
+                T(128, 128, 8, 2, False, True), T(128, 128, 8, 3, True, True), T(128, 64, 8, 3, True, True),
+                T(128, 64, 8, 5, False, True), T(64, 128, 4, 3, False, True), T(128, 128, 8, 2, True, True)],
     "dkdv": [T(128, 64, 8, 3), T(128, 32, 4, 3), T(128, 64, 4, 3), T(64, 64, 4, 3), T(128, 128, 8, 2),
              T(64, 128, 4, 3), T(128, 32, 8, 3), T(64, 32, 4, 3)],
     "dq": [T(128, 64, 8, 3), T(128, 32, 4, 3), T(128, 64, 4, 3), T(64, 64, 4, 3), T(128, 128, 8, 2),
@@ -52,10 +53,14 @@ def main():
     parser.add_argument("--n", type=int, default=8192)
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     parser.add_argument("--kernels", default="forward,dkdv,dq")
+    parser.add_argument("--head-dims", default="64,128")
+    parser.add_argument("--causal", default="full,causal")
     args = parser.parse_args()
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
     print(f"{torch.cuda.get_device_name()} N={args.n} {args.dtype} (backward TFLOP/s: whole backward, one kernel varied)")
-    for kernel, head_dim, causal in itertools.product(args.kernels.split(","), (64, 128), (False, True)):
+    head_dims = [int(d) for d in args.head_dims.split(",")]
+    flags = [c == "causal" for c in args.causal.split(",")]
+    for kernel, head_dim, causal in itertools.product(args.kernels.split(","), head_dims, flags):
         results = [(time_kernel(kernel, t, head_dim, causal, dtype, args.n), t) for t in CANDIDATES[kernel]]
         show = lambda t: ",".join(str(int(x)) for x in t)
         line = "  ".join(f"{show(t)}:{r:.0f}" if isinstance(r, float) else f"{show(t)}:{r}" for r, t in results)
