@@ -100,6 +100,8 @@ def measure_memory(provider, n, head_dim=128, heads=16, batch=1, dtype=torch.bfl
 
 def run_memory(out_dir, lengths=(1024, 2048, 4096, 8192, 16384)):
     env = environment()
+    for provider in MEMORY_PROVIDERS:      # warm-up: cuBLAS allocates its workspace on first use
+        measure_memory(provider, 256)
     rows = []
     for n in lengths:
         for provider in MEMORY_PROVIDERS:
