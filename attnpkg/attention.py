@@ -11,7 +11,6 @@ import os
 from typing import NamedTuple, Optional
 
 import torch
-import triton
 
 try:                                    # host-side tensor descriptors (Triton >= 3.3)
     from triton.tools.tensor_descriptor import TensorDescriptor

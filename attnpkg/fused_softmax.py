@@ -2,7 +2,6 @@
 import os
 
 import torch
-import triton
 
 from .kernels.softmax import softmax_backward_kernel, softmax_forward_kernel
 
