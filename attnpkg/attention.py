@@ -20,6 +20,7 @@ except ImportError:
 from .kernels.flash_backward import (flash_backward_dkdv_kernel, flash_backward_dq_kernel,
                                      flash_backward_preprocess)
 from .kernels.flash_forward import flash_forward_kernel
+from .launch import launch
 
 __all__ = ["flash_attention"]
 
@@ -87,13 +88,16 @@ def _kv_descriptors(k, v, t: Tiles, block_d: int):
     not asked for, Triton too old, or a layout whose rows are not evenly strided and 16-byte aligned."""
     if not t.tma or TensorDescriptor is None:
         return None
+    descriptors = []
     for x in (k, v):
         b, h, n, d = x.shape
-        if (x.stride(3) != 1 or x.stride(1) != n * x.stride(2) or x.stride(0) != h * x.stride(1)
-                or (x.stride(2) * x.element_size()) % 16 or x.data_ptr() % 16):
+        stride_b, stride_h, stride_n, stride_d = x.stride()
+        if (stride_d != 1 or stride_h != n * stride_n or stride_b != h * stride_h
+                or (stride_n * x.element_size()) % 16 or x.data_ptr() % 16):
             return None
-    return tuple(TensorDescriptor(x, shape=[x.shape[0] * x.shape[1] * x.shape[2], x.shape[3]],
-                                  strides=[x.stride(2), 1], block_shape=[t.streamed, block_d]) for x in (k, v))
+        descriptors.append(TensorDescriptor(x, shape=[b * h * n, d], strides=[stride_n, 1],
+                                            block_shape=[t.streamed, block_d]))
+    return descriptors
 
 
 # Plain Python on the host: triton.next_power_of_2 and triton.cdiv are slow to call outside a kernel.
@@ -125,7 +129,7 @@ def forward_impl(q, k, v, causal: bool, scale: float):
     meta = _kernel_meta(q)
     t = tiles_for("forward", meta["BLOCK_D"], q.dtype, q.device, causal)
     descriptors = _kv_descriptors(k, v, t, meta["BLOCK_D"])
-    flash_forward_kernel[(_cdiv(n_q, t.own), batch * n_heads)](
+    launch(flash_forward_kernel)[(_cdiv(n_q, t.own), batch * n_heads)](
         q, k, v, o, lse, *(descriptors or (k, v)), *q.stride(), *k.stride(), *v.stride(), *o.stride(),
         n_heads, n_q, n_k, scale * LOG2E,
         GROUP=n_heads // n_kv_heads, CAUSAL=causal, BLOCK_M=t.own, BLOCK_N=t.streamed,
@@ -147,21 +151,21 @@ def backward_impl(do, q, k, v, o, lse, dlse, causal: bool, scale: float):
     delta = torch.empty((batch, n_heads, n_q), dtype=torch.float32, device=q.device)
     lse2 = torch.empty_like(delta)
     rows = 32 if _interpreting() else 64
-    flash_backward_preprocess[(_cdiv(n_q, rows), batch * n_heads)](
+    launch(flash_backward_preprocess)[(_cdiv(n_q, rows), batch * n_heads)](
         o, do, lse, dlse.contiguous() if dlse is not None else lse, delta, lse2,   # dlse may be a stride-0 expand
         *o.stride(), *do.stride(), n_heads, n_q,
         HEAD_DIM=head_dim, BLOCK_D=meta["BLOCK_D"], BLOCK_M=rows, HAS_DLSE=dlse is not None)
     group = n_heads // n_kv_heads
     # dK/dV: one program owns a tile of keys; tiles of queries stream past it.
     t = tiles_for("dkdv", meta["BLOCK_D"], q.dtype, q.device, causal)
-    flash_backward_dkdv_kernel[(_cdiv(n_k, t.own), batch * n_kv_heads)](
+    launch(flash_backward_dkdv_kernel)[(_cdiv(n_k, t.own), batch * n_kv_heads)](
         q, k, v, do, lse2, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
         n_kv_heads, n_q, n_k, scale * LOG2E, scale, GROUP=group, CAUSAL=causal,
         BLOCK_N=t.own, BLOCK_M=t.streamed, num_warps=t.num_warps, num_stages=t.num_stages, **meta)
     # dQ: one program owns a tile of queries; tiles of keys stream past it.
     t = tiles_for("dq", meta["BLOCK_D"], q.dtype, q.device, causal)
-    flash_backward_dq_kernel[(_cdiv(n_q, t.own), batch * n_heads)](
+    launch(flash_backward_dq_kernel)[(_cdiv(n_q, t.own), batch * n_heads)](
         q, k, v, do, lse2, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
         n_heads, n_q, n_k, scale * LOG2E, scale, GROUP=group, CAUSAL=causal,

@@ -57,3 +57,54 @@ def test_backward_bitwise_deterministic_on_gpu():
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.equal(a, b)
+
+
+def _misaligned(shape, dtype, offset):
+    """A tensor whose address is ``offset`` elements past a 16-byte boundary (a view into a larger buffer)."""
+    n = 1
+    for s in shape:
+        n *= s
+    return torch.randn(n + offset, device="cuda", dtype=dtype)[offset:].view(shape)
+
+
+def test_direct_launch_reuses_compiled_kernels_only_for_the_same_specialization():
+    from attnpkg.kernels.flash_forward import flash_forward_kernel
+    from attnpkg.launch import launch
+    launcher = launch(flash_forward_kernel)
+    launcher.compiled.clear()
+    shape = (2, 4, 384, 64)
+    q, k, v = (torch.randn(shape, device="cuda", dtype=torch.float16) for _ in range(3))
+    first = attnpkg.flash_attention(q, k, v, causal=True)
+    assert len(launcher.compiled) == 1
+    again = attnpkg.flash_attention(q, k, v, causal=True)        # served by the direct launch
+    assert len(launcher.compiled) == 1 and torch.equal(first, again)
+    want = attnpkg.reference.attention(q.double(), k.double(), v.double(), causal=True)
+    # Addresses 2 bytes past 16-byte alignment, odd strides, another length: each its own entry, each exact.
+    cases = [tuple(_misaligned(shape, torch.float16, 1) for _ in range(3)),
+             tuple(t[..., :40] for t in (q, k, v)),
+             tuple(t[:, :, :200] for t in (q, k, v))]
+    for args in cases:
+        for _ in range(2):                                         # Triton's path, then the direct one
+            got = attnpkg.flash_attention(*args, causal=True)
+            exact = attnpkg.reference.attention(*(t.double() for t in args), causal=True)
+            assert (got.double() - exact).abs().max() < 2e-3
+    assert len(launcher.compiled) == 1 + len(cases)
+    assert (first.double() - want).abs().max() < 2e-3
+
+
+def test_direct_launch_backward_matches_triton_launch(monkeypatch):
+    from attnpkg import launch as launch_module
+    q, k, v = (torch.randn(2, 8, 640, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    do = torch.randn_like(q)
+
+    def grads():
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        attnpkg.flash_attention(*leaves, causal=True).backward(do)
+        return [t.grad for t in leaves]
+
+    grads()
+    direct = grads()                                                # second call: direct launches
+    monkeypatch.setattr(launch_module, "_direct", False)
+    through_triton = grads()
+    for a, b in zip(direct, through_triton):
+        assert torch.equal(a, b)

@@ -1,0 +1,53 @@
+"""attnpkg.launch: the key that decides when a compiled kernel may be called directly.
+
+The direct call itself needs a GPU (tests/test_gpu.py); the key is plain Python."""
+import pytest
+import torch
+
+from attnpkg import launch as launch_module
+from attnpkg.launch import _key
+
+
+def spec(*args):
+    return tuple(x if type(x) is int else _key(x) for x in args)
+
+
+def test_tensors_are_keyed_by_dtype_and_alignment_not_by_address_or_shape():
+    a = torch.randn(64, 16)
+    b = torch.randn(8, 8)                                # another address and shape: same specialization
+    assert spec(a) == spec(b)
+    assert spec(a) != spec(a.half())
+    buffer = torch.randn(1025)
+    assert buffer.data_ptr() % 16 == 0
+    assert spec(buffer[1:]) != spec(buffer[:-1])         # 4 bytes past a 16-byte boundary
+
+
+def test_scalars_are_keyed_by_value_and_type():
+    assert spec(16) != spec(32) and spec(1) != spec(2)
+    assert len({spec(True), spec(1), spec(1.0)}) == 3    # equal in Python, specialized differently by Triton
+    assert spec(0.5) != spec(0.25)
+
+
+def test_unknown_arguments_are_never_taken_directly():
+    assert launch_module._UNCACHED in spec(object())
+
+
+def test_tensor_descriptors_are_keyed_by_base_shape_strides_and_block():
+    TensorDescriptor = pytest.importorskip("triton.tools.tensor_descriptor").TensorDescriptor
+    x = torch.randn(4, 128, 64)
+    flat = x.view(-1, 64)
+    d = TensorDescriptor(flat, shape=[512, 64], strides=[64, 1], block_shape=[64, 64])
+    same = TensorDescriptor(torch.randn(512, 64), shape=[512, 64], strides=[64, 1], block_shape=[64, 64])
+    other_block = TensorDescriptor(flat, shape=[512, 64], strides=[64, 1], block_shape=[32, 64])
+    other_shape = TensorDescriptor(flat[:256], shape=[256, 64], strides=[64, 1], block_shape=[64, 64])
+    assert _key(d) == _key(same)
+    assert _key(d) != _key(other_block) and _key(d) != _key(other_shape)
+
+
+def test_hooks_count_as_installed_only_when_present():
+    assert not launch_module._hooked(None)
+    assert launch_module._hooked(lambda *args: None)
+
+    class EmptyChain:
+        calls = []
+    assert not launch_module._hooked(EmptyChain())
