@@ -188,6 +188,9 @@ class _FlashAttention(torch.autograd.Function):
     def backward(ctx, do, dlse):
         q, k, v, o, lse = ctx.saved_tensors
         do = torch.zeros_like(o) if do is None else do
+        if q.is_cuda and q.device.index != torch.cuda.current_device():
+            with torch.cuda.device(q.device):
+                return (*backward_impl(do, q, k, v, o, lse, dlse, ctx.causal, ctx.scale), None, None)
         dq, dk, dv = backward_impl(do, q, k, v, o, lse, dlse, ctx.causal, ctx.scale)
         return dq, dk, dv, None, None
 
@@ -311,6 +314,9 @@ def flash_attention(q, k, v, *, causal=False, scale=None, return_lse=False):
     The backward pass is deterministic.
     """
     _check_inputs(q, k, v, scale)
+    if q.is_cuda and q.device.index != torch.cuda.current_device():
+        with torch.cuda.device(q.device):           # Triton launches on the current device
+            return flash_attention(q, k, v, causal=causal, scale=scale, return_lse=return_lse)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if torch.compiler.is_compiling():
         o, lse = _forward_op(q, k, v, bool(causal), scale)

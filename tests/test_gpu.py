@@ -108,3 +108,18 @@ def test_direct_launch_backward_matches_triton_launch(monkeypatch):
     through_triton = grads()
     for a, b in zip(direct, through_triton):
         assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_tensors_on_another_gpu_than_the_current_one():
+    torch.cuda.set_device(0)
+    q, k, v = (torch.randn(2, 4, 256, 64, device="cuda:1", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    o = attnpkg.flash_attention(q, k, v, causal=True)
+    o.backward(torch.ones_like(o))
+    assert o.device == q.grad.device == torch.device("cuda:1")
+    want = attnpkg.reference.attention(*(t.detach().double() for t in (q, k, v)), causal=True)
+    assert (o.double() - want).abs().max() < 2e-2
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    attnpkg.reference.attention(*leaves, causal=True).backward(torch.ones_like(want))
+    for got, exact in zip((q.grad, k.grad, v.grad), leaves):
+        assert (got.double() - exact.grad).abs().max() < 5e-2 * exact.grad.abs().max()
