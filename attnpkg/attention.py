@@ -5,6 +5,7 @@ through a ``torch.autograd.Function`` straight to the kernels. Under ``torch.com
 kernels run as ``torch.library`` custom ops (with fake implementations for tracing, joined by
 ``register_autograd``), so ``torch.compile(fullgraph=True)`` can call ``flash_attention``.
 """
+import contextlib
 import functools
 import math
 import os
@@ -116,6 +117,13 @@ def _kernel_meta(q):
                 PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
 
 
+def _on_device_of(x):
+    """Triton launches on the current CUDA device: make it the one ``x`` lives on."""
+    if x.is_cuda and x.device.index != torch.cuda.current_device():
+        return torch.cuda.device(x.device)
+    return contextlib.nullcontext()
+
+
 def forward_impl(q, k, v, causal: bool, scale: float):
     """Run the forward kernel: returns (o, lse). Inputs are assumed valid (see flash_attention)."""
     batch, n_heads, n_q, head_dim = q.shape
@@ -129,12 +137,13 @@ def forward_impl(q, k, v, causal: bool, scale: float):
     meta = _kernel_meta(q)
     t = tiles_for("forward", meta["BLOCK_D"], q.dtype, q.device, causal)
     descriptors = _kv_descriptors(k, v, t, meta["BLOCK_D"])
-    launch(flash_forward_kernel)[(_cdiv(n_q, t.own), batch * n_heads)](
-        q, k, v, o, lse, *(descriptors or (k, v)), *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-        n_heads, n_q, n_k, scale * LOG2E,
-        GROUP=n_heads // n_kv_heads, CAUSAL=causal, BLOCK_M=t.own, BLOCK_N=t.streamed,
-        WARP_SPECIALIZE=t.warp_specialize, USE_TMA=descriptors is not None,
-        num_warps=t.num_warps, num_stages=t.num_stages, **meta)
+    with _on_device_of(q):
+        launch(flash_forward_kernel)[(_cdiv(n_q, t.own), batch * n_heads)](
+            q, k, v, o, lse, *(descriptors or (k, v)), *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+            n_heads, n_q, n_k, scale * LOG2E,
+            GROUP=n_heads // n_kv_heads, CAUSAL=causal, BLOCK_M=t.own, BLOCK_N=t.streamed,
+            WARP_SPECIALIZE=t.warp_specialize, USE_TMA=descriptors is not None,
+            num_warps=t.num_warps, num_stages=t.num_stages, **meta)
     return o, lse
 
 
@@ -151,25 +160,26 @@ def backward_impl(do, q, k, v, o, lse, dlse, causal: bool, scale: float):
     delta = torch.empty((batch, n_heads, n_q), dtype=torch.float32, device=q.device)
     lse2 = torch.empty_like(delta)
     rows = 32 if _interpreting() else 64
-    launch(flash_backward_preprocess)[(_cdiv(n_q, rows), batch * n_heads)](
-        o, do, lse, dlse.contiguous() if dlse is not None else lse, delta, lse2,   # dlse may be a stride-0 expand
-        *o.stride(), *do.stride(), n_heads, n_q,
-        HEAD_DIM=head_dim, BLOCK_D=meta["BLOCK_D"], BLOCK_M=rows, HAS_DLSE=dlse is not None)
-    group = n_heads // n_kv_heads
-    # dK/dV: one program owns a tile of keys; tiles of queries stream past it.
-    t = tiles_for("dkdv", meta["BLOCK_D"], q.dtype, q.device, causal)
-    launch(flash_backward_dkdv_kernel)[(_cdiv(n_k, t.own), batch * n_kv_heads)](
-        q, k, v, do, lse2, delta, dk, dv,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-        n_kv_heads, n_q, n_k, scale * LOG2E, scale, GROUP=group, CAUSAL=causal,
-        BLOCK_N=t.own, BLOCK_M=t.streamed, num_warps=t.num_warps, num_stages=t.num_stages, **meta)
-    # dQ: one program owns a tile of queries; tiles of keys stream past it.
-    t = tiles_for("dq", meta["BLOCK_D"], q.dtype, q.device, causal)
-    launch(flash_backward_dq_kernel)[(_cdiv(n_q, t.own), batch * n_heads)](
-        q, k, v, do, lse2, delta, dq,
-        *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-        n_heads, n_q, n_k, scale * LOG2E, scale, GROUP=group, CAUSAL=causal,
-        BLOCK_M=t.own, BLOCK_N=t.streamed, num_warps=t.num_warps, num_stages=t.num_stages, **meta)
+    with _on_device_of(q):
+        launch(flash_backward_preprocess)[(_cdiv(n_q, rows), batch * n_heads)](
+            o, do, lse, dlse.contiguous() if dlse is not None else lse, delta, lse2,   # dlse may be a stride-0 expand
+            *o.stride(), *do.stride(), n_heads, n_q,
+            HEAD_DIM=head_dim, BLOCK_D=meta["BLOCK_D"], BLOCK_M=rows, HAS_DLSE=dlse is not None)
+        group = n_heads // n_kv_heads
+        # dK/dV: one program owns a tile of keys; tiles of queries stream past it.
+        t = tiles_for("dkdv", meta["BLOCK_D"], q.dtype, q.device, causal)
+        launch(flash_backward_dkdv_kernel)[(_cdiv(n_k, t.own), batch * n_kv_heads)](
+            q, k, v, do, lse2, delta, dk, dv,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+            n_kv_heads, n_q, n_k, scale * LOG2E, scale, GROUP=group, CAUSAL=causal,
+            BLOCK_N=t.own, BLOCK_M=t.streamed, num_warps=t.num_warps, num_stages=t.num_stages, **meta)
+        # dQ: one program owns a tile of queries; tiles of keys stream past it.
+        t = tiles_for("dq", meta["BLOCK_D"], q.dtype, q.device, causal)
+        launch(flash_backward_dq_kernel)[(_cdiv(n_q, t.own), batch * n_heads)](
+            q, k, v, do, lse2, delta, dq,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+            n_heads, n_q, n_k, scale * LOG2E, scale, GROUP=group, CAUSAL=causal,
+            BLOCK_M=t.own, BLOCK_N=t.streamed, num_warps=t.num_warps, num_stages=t.num_stages, **meta)
     return dq, dk, dv
 
 
@@ -188,9 +198,6 @@ class _FlashAttention(torch.autograd.Function):
     def backward(ctx, do, dlse):
         q, k, v, o, lse = ctx.saved_tensors
         do = torch.zeros_like(o) if do is None else do
-        if q.is_cuda and q.device.index != torch.cuda.current_device():
-            with torch.cuda.device(q.device):
-                return (*backward_impl(do, q, k, v, o, lse, dlse, ctx.causal, ctx.scale), None, None)
         dq, dk, dv = backward_impl(do, q, k, v, o, lse, dlse, ctx.causal, ctx.scale)
         return dq, dk, dv, None, None
 
@@ -314,9 +321,6 @@ def flash_attention(q, k, v, *, causal=False, scale=None, return_lse=False):
     The backward pass is deterministic.
     """
     _check_inputs(q, k, v, scale)
-    if q.is_cuda and q.device.index != torch.cuda.current_device():
-        with torch.cuda.device(q.device):           # Triton launches on the current device
-            return flash_attention(q, k, v, causal=causal, scale=scale, return_lse=return_lse)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if torch.compiler.is_compiling():
         o, lse = _forward_op(q, k, v, bool(causal), scale)

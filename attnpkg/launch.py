@@ -53,6 +53,11 @@ def _key(x):
     return _UNCACHED
 
 
+def specialization(args):
+    """The part of the cache key that comes from the runtime arguments."""
+    return tuple([x if type(x) is int else _key(x) for x in args])
+
+
 def _hooked(hook):
     """Whether a launch hook is installed: Triton >= 3.5 keeps a chain of hooks, empty by default."""
     return hook is not None and bool(getattr(hook, "calls", True))
@@ -74,7 +79,7 @@ class _Launcher:
             return self.kernel[grid](*args, num_warps=num_warps, num_stages=num_stages, **constexprs)
         grid = (*grid, 1, 1)[:3]
         device = _driver.active.get_current_device()
-        spec = tuple([x if type(x) is int else _key(x) for x in args])
+        spec = specialization(args)
         key = (device, num_warps, num_stages, tuple(constexprs.items()), spec)
         compiled = self.compiled.get(key)
         if compiled is None:

@@ -1,4 +1,6 @@
 """Properties that only a real GPU can show: torch.compile, memory that grows linearly, determinism."""
+import math
+
 import pytest
 import torch
 
@@ -61,10 +63,7 @@ def test_backward_bitwise_deterministic_on_gpu():
 
 def _misaligned(shape, dtype, offset):
     """A tensor whose address is ``offset`` elements past a 16-byte boundary (a view into a larger buffer)."""
-    n = 1
-    for s in shape:
-        n *= s
-    return torch.randn(n + offset, device="cuda", dtype=dtype)[offset:].view(shape)
+    return torch.randn(math.prod(shape) + offset, device="cuda", dtype=dtype)[offset:].view(shape)
 
 
 def test_direct_launch_reuses_compiled_kernels_only_for_the_same_specialization():
@@ -79,6 +78,7 @@ def test_direct_launch_reuses_compiled_kernels_only_for_the_same_specialization(
     again = attnpkg.flash_attention(q, k, v, causal=True)        # served by the direct launch
     assert len(launcher.compiled) == 1 and torch.equal(first, again)
     want = attnpkg.reference.attention(q.double(), k.double(), v.double(), causal=True)
+    assert (first.double() - want).abs().max() < 2e-3
     # Addresses 2 bytes past 16-byte alignment, odd strides, another length: each its own entry, each exact.
     cases = [tuple(_misaligned(shape, torch.float16, 1) for _ in range(3)),
              tuple(t[..., :40] for t in (q, k, v)),
@@ -89,7 +89,6 @@ def test_direct_launch_reuses_compiled_kernels_only_for_the_same_specialization(
             exact = attnpkg.reference.attention(*(t.double() for t in args), causal=True)
             assert (got.double() - exact).abs().max() < 2e-3
     assert len(launcher.compiled) == 1 + len(cases)
-    assert (first.double() - want).abs().max() < 2e-3
 
 
 def test_direct_launch_backward_matches_triton_launch(monkeypatch):

@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from attnpkg import launch as launch_module
-from attnpkg.launch import _key
+from attnpkg.launch import _key, specialization
 
 
 def spec(*args):
-    return tuple(x if type(x) is int else _key(x) for x in args)
+    return specialization(args)
 
 
 def test_tensors_are_keyed_by_dtype_and_alignment_not_by_address_or_shape():
