@@ -28,6 +28,10 @@ __all__ = ["flash_attention"]
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# The kernels take scale * log2(e) as a float32: it must be a normal float32 number, neither 0,
+# subnormal (digits lost) nor infinite.
+MIN_SCALE = torch.finfo(torch.float32).tiny
+MAX_SCALE = torch.finfo(torch.float32).max / 2
 
 
 def _interpreting() -> bool:
@@ -94,7 +98,8 @@ def _kv_descriptors(k, v, t: Tiles, block_d: int):
         b, h, n, d = x.shape
         stride_b, stride_h, stride_n, stride_d = x.stride()
         if (stride_d != 1 or stride_h != n * stride_n or stride_b != h * stride_h
-                or (stride_n * x.element_size()) % 16 or x.data_ptr() % 16):
+                or (stride_n * x.element_size()) % 16 or x.data_ptr() % 16
+                or b * h * n >= 2**31):                      # the kernel's row coordinate is 32-bit
             return None
         descriptors.append(TensorDescriptor(x, shape=[b * h * n, d], strides=[stride_n, 1],
                                             block_shape=[t.streamed, block_d]))
@@ -115,6 +120,13 @@ def _kernel_meta(q):
     return dict(HEAD_DIM=d, BLOCK_D=max(16, _next_power_of_2(d)),
                 UPCAST=_interpreting() and q.dtype == torch.bfloat16,   # the interpreter's tl.dot mishandles bf16
                 PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+
+
+def _needs_int64(*tensors) -> bool:
+    """Whether a row or column offset inside one (batch, head) slice can reach 2^31 elements (a tile
+    reaches up to 255 rows past the last): then the kernels compute offsets in 64 bits (INT64),
+    otherwise in 32. Batch and head offsets are always 64-bit."""
+    return any((x.shape[2] + 256) * x.stride(2) + 256 * x.stride(3) >= 2**31 for x in tensors)
 
 
 def _on_device_of(x):
@@ -138,11 +150,12 @@ def forward_impl(q, k, v, causal: bool, scale: float):
     t = tiles_for("forward", meta["BLOCK_D"], q.dtype, q.device, causal)
     descriptors = _kv_descriptors(k, v, t, meta["BLOCK_D"])
     with _on_device_of(q):
-        launch(flash_forward_kernel)[(_cdiv(n_q, t.own), batch * n_heads)](
+        # One grid axis (tiles fastest): CUDA allows 2^31 - 1 programs there, 65535 on the others.
+        launch(flash_forward_kernel)[(_cdiv(n_q, t.own) * batch * n_heads,)](
             q, k, v, o, lse, *(descriptors or (k, v)), *q.stride(), *k.stride(), *v.stride(), *o.stride(),
             n_heads, n_q, n_k, scale * LOG2E,
             GROUP=n_heads // n_kv_heads, CAUSAL=causal, BLOCK_M=t.own, BLOCK_N=t.streamed,
-            WARP_SPECIALIZE=t.warp_specialize, USE_TMA=descriptors is not None,
+            WARP_SPECIALIZE=t.warp_specialize, USE_TMA=descriptors is not None, INT64=_needs_int64(q, k, v, o),
             num_warps=t.num_warps, num_stages=t.num_stages, **meta)
     return o, lse
 
@@ -157,29 +170,30 @@ def backward_impl(do, q, k, v, o, lse, dlse, causal: bool, scale: float):
     if batch == 0 or n_q == 0 or n_k == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     meta = _kernel_meta(q)
+    wide = _needs_int64(q, k, v, o, do, dq, dk, dv)
     delta = torch.empty((batch, n_heads, n_q), dtype=torch.float32, device=q.device)
     lse2 = torch.empty_like(delta)
     rows = 32 if _interpreting() else 64
     with _on_device_of(q):
-        launch(flash_backward_preprocess)[(_cdiv(n_q, rows), batch * n_heads)](
+        launch(flash_backward_preprocess)[(_cdiv(n_q, rows) * batch * n_heads,)](
             o, do, lse, dlse.contiguous() if dlse is not None else lse, delta, lse2,   # dlse may be a stride-0 expand
             *o.stride(), *do.stride(), n_heads, n_q,
-            HEAD_DIM=head_dim, BLOCK_D=meta["BLOCK_D"], BLOCK_M=rows, HAS_DLSE=dlse is not None)
+            HEAD_DIM=head_dim, BLOCK_D=meta["BLOCK_D"], BLOCK_M=rows, HAS_DLSE=dlse is not None, INT64=wide)
         group = n_heads // n_kv_heads
         # dK/dV: one program owns a tile of keys; tiles of queries stream past it.
         t = tiles_for("dkdv", meta["BLOCK_D"], q.dtype, q.device, causal)
-        launch(flash_backward_dkdv_kernel)[(_cdiv(n_k, t.own), batch * n_kv_heads)](
+        launch(flash_backward_dkdv_kernel)[(_cdiv(n_k, t.own) * batch * n_kv_heads,)](
             q, k, v, do, lse2, delta, dk, dv,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
             n_kv_heads, n_q, n_k, scale * LOG2E, scale, GROUP=group, CAUSAL=causal,
-            BLOCK_N=t.own, BLOCK_M=t.streamed, num_warps=t.num_warps, num_stages=t.num_stages, **meta)
+            BLOCK_N=t.own, BLOCK_M=t.streamed, INT64=wide, num_warps=t.num_warps, num_stages=t.num_stages, **meta)
         # dQ: one program owns a tile of queries; tiles of keys stream past it.
         t = tiles_for("dq", meta["BLOCK_D"], q.dtype, q.device, causal)
-        launch(flash_backward_dq_kernel)[(_cdiv(n_q, t.own), batch * n_heads)](
+        launch(flash_backward_dq_kernel)[(_cdiv(n_q, t.own) * batch * n_heads,)](
             q, k, v, do, lse2, delta, dq,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
             n_heads, n_q, n_k, scale * LOG2E, scale, GROUP=group, CAUSAL=causal,
-            BLOCK_M=t.own, BLOCK_N=t.streamed, num_warps=t.num_warps, num_stages=t.num_stages, **meta)
+            BLOCK_M=t.own, BLOCK_N=t.streamed, INT64=wide, num_warps=t.num_warps, num_stages=t.num_stages, **meta)
     return dq, dk, dv
 
 
@@ -274,8 +288,13 @@ def _check_inputs(q, k, v, scale):
         raise ValueError(f"flash_attention: query heads ({hq}) must be a multiple of key/value heads ({hkv})")
     if not 1 <= d <= MAX_HEAD_DIM:
         raise ValueError(f"flash_attention: head_dim must be between 1 and {MAX_HEAD_DIM}, got {d}")
-    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
-        raise ValueError(f"flash_attention: scale must be a positive finite number, got {scale!r}")
+    if scale is not None:
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+            raise ValueError(f"flash_attention: scale must be a positive finite number, got {scale!r}")
+        if not MIN_SCALE <= scale <= MAX_SCALE:
+            raise ValueError(f"flash_attention: scale {scale!r} is outside [{MIN_SCALE:.3g}, {MAX_SCALE:.3g}]: the kernels "
+                             f"compute in float32, where scale * log2(e) would be "
+                             f"{'zero or subnormal' if scale < MIN_SCALE else 'infinite'}; rescale q instead")
     if q.device.type == "cuda":
         major, minor = _capability(q.device)
         if q.dtype == torch.bfloat16 and major < 8:
@@ -308,7 +327,8 @@ def flash_attention(q, k, v, *, causal=False, scale=None, return_lse=False):
             SDPA's ``is_causal=True``; with ``Nq != Nk`` SDPA aligns top-left (``j <= i``) instead.
             Queries that see no key (``i < Nq - Nk``) output zeros, with lse ``-inf`` and zero gradients.
         scale: multiplies ``q k^T`` before the softmax; ``1/sqrt(D)`` by default. It must be
-            positive (the kernels take the row maximum before scaling).
+            positive (the kernels take the row maximum before scaling) and, since the kernels
+            compute in float32, a normal float32 number (about 1.2e-38 to 1.7e38).
         return_lse: also return the row log-sum-exp ``lse[b, h, i] = log sum_j exp(scale q_i.k_j)``
             (natural log, float32, ``(B, Hq, Nq)``), the quantity that merges partial attentions.
 

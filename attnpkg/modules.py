@@ -27,8 +27,9 @@ class MultiHeadAttention(nn.Module):
         causal: mask future keys (bottom-right aligned, see :func:`attnpkg.flash_attention`).
         device, dtype: of the parameters.
 
-    ``forward(x_q, x_k=None, x_v=None)`` takes ``(B, N, d_model)`` inputs; ``x_k`` and ``x_v``
-    default to ``x_q`` (self-attention).
+    ``forward(x_q, x_k=None, x_v=None)`` takes ``(B, N, d_model)`` inputs: ``x_k`` defaults to
+    ``x_q`` (self-attention) and ``x_v`` to ``x_k`` (cross-attention over one memory, ``x_k``); ``x_v`` without
+    ``x_k`` is an error.
     """
 
     def __init__(self, d_model, n_heads, d_head=None, *, causal=False, device=None, dtype=None):
@@ -50,6 +51,9 @@ class MultiHeadAttention(nn.Module):
             nn.init.uniform_(w, -bound, bound)
 
     def forward(self, x_q, x_k=None, x_v=None):
+        if x_k is None and x_v is not None:
+            raise ValueError("MultiHeadAttention: x_v given without x_k; pass x_k too (x_v defaults to x_k, "
+                             "not the other way round)")
         x_k = x_q if x_k is None else x_k
         x_v = x_k if x_v is None else x_v
         q = split_heads(x_q @ self.w_q, self.n_heads)

@@ -24,12 +24,17 @@ def assert_flash_accuracy(got, q, k, v, do, causal, scale=None, floor=1e-5):
     """``got``: dict of the kernel's results. Checks each against float64 with the 2x rule.
 
     The absolute floor is relative to the size of the quantity's pass: ``floor`` times the largest
-    exact output entry for ``o``, and the largest exact gradient entry (over dq, dk, dv) for the
-    gradients. It matters only where PyTorch's error happens to be exactly 0 (a single key, say)."""
+    exact output entry for ``o``, the largest finite exact lse (at least 1) for ``lse``, and the
+    largest exact gradient entry (over dq, dk, dv) for the gradients. It matters only where
+    PyTorch's error happens to be exactly 0 (a single key, say), or is below float32's resolution
+    of a large quantity (an lse of -400 is resolved to 3e-5)."""
     exact = attention_and_grads(*(t.double() for t in (q, k, v, do)), causal, scale)
     same_precision = attention_and_grads(q, k, v, do, causal, scale)
     size = lambda names: max([1.0] + [exact[n].abs().max().item() for n in names if exact[n].numel()])
-    scales = {"o": size(["o"]), "lse": 1.0, **dict.fromkeys(("dq", "dk", "dv"), size(["dq", "dk", "dv"]))}
+    finite_lse = exact["lse"][torch.isfinite(exact["lse"])].abs()
+    lse_size = max(1.0, finite_lse.max().item()) if finite_lse.numel() else 1.0
+    scales = {"o": size(["o"]), "lse": lse_size,
+              **dict.fromkeys(("dq", "dk", "dv"), size(["dq", "dk", "dv"]))}
     for name, value in got.items():
         assert not value.isnan().any(), f"{name} has NaN"
         kernel_err = max_error(value, exact[name])

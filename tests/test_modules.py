@@ -50,3 +50,16 @@ def test_trains():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.9 * losses[0]
+
+
+def test_the_three_call_forms():
+    """m(x): self-attention; m(x_q, x_kv): keys and values from one memory; m(x_q, x_k, x_v): all three."""
+    m = attnpkg.MultiHeadAttention(16, 2, device=DEVICE)
+    w = [t.detach() for t in weights(m)]
+    xq, xk, xv = (torch.randn(2, n, 16, device=DEVICE) for n in (5, 7, 7))
+    ref = lambda a, b, c: reference.multihead_attention(a, b, c, *w, 2)
+    for args, want in (((xq,), ref(xq, xq, xq)), ((xq, xk), ref(xq, xk, xk)), ((xq, xk, xv), ref(xq, xk, xv))):
+        torch.testing.assert_close(m(*args), want, atol=1e-5, rtol=1e-5)
+    # (x_q and x_k differ in length, so x_v defaulting to x_q instead of x_k could not pass.)
+    with pytest.raises(ValueError, match="x_v given without x_k"):
+        m(xq, x_v=xv)

@@ -17,7 +17,7 @@ on every run. The price is that S and dP are computed twice (once per kernel).
 import triton
 import triton.language as tl
 
-from .tiles import load_tile, round_to
+from .tiles import load_tile, round_to, tile_and_head, wide_arange
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -28,13 +28,13 @@ def flash_backward_preprocess(O, DO, LSE, DLSE, DELTA, LSE2,
                               stride_dob, stride_doh, stride_dom, stride_dod,
                               n_heads, n_q,
                               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                              HAS_DLSE: tl.constexpr):
+                              HAS_DLSE: tl.constexpr, INT64: tl.constexpr):
     """D = rowsum(dO * O) - dlse, and lse in base 2 with +inf for rows that see no key (so P = 0 there)."""
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    off_bh = tl.program_id(1)
+    start_m, off_bh = tile_and_head(n_q, BLOCK_M, False)
+    offs_m = start_m + wide_arange(BLOCK_M, INT64)
     off_b = (off_bh // n_heads).to(tl.int64)
     off_h = (off_bh % n_heads).to(tl.int64)
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_d = wide_arange(BLOCK_D, INT64)
     ok = (offs_m[:, None] < n_q) & (offs_d[None, :] < HEAD_DIM)
     o = tl.load(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
                 mask=ok, other=0.0).to(tl.float32)
@@ -89,15 +89,14 @@ def flash_backward_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV,
                                n_kv_heads, n_q, n_k, qk_scale, scale,
                                GROUP: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
                                BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                               UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """Grid: (cdiv(Nk, BLOCK_N), B * Hkv). Writes dK and dV of one key tile of one k/v head."""
-    start_n = tl.program_id(0) * BLOCK_N
-    off_bh = tl.program_id(1)
+                               UPCAST: tl.constexpr, PRECISION: tl.constexpr, INT64: tl.constexpr):
+    """Grid: (cdiv(Nk, BLOCK_N) * B * Hkv,). Writes dK and dV of one key tile of one k/v head."""
+    start_n, off_bh = tile_and_head(n_k, BLOCK_N, False)
     off_b = (off_bh // n_kv_heads).to(tl.int64)
     off_hkv = (off_bh % n_kv_heads).to(tl.int64)
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = start_n + wide_arange(BLOCK_N, INT64)
+    offs_m = wide_arange(BLOCK_M, INT64)
+    offs_d = wide_arange(BLOCK_D, INT64)
     kv_ok = (offs_n[:, None] < n_k) & (offs_d[None, :] < HEAD_DIM)
     k = tl.load(K + off_b * stride_kb + off_hkv * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
                 mask=kv_ok, other=0.0)
@@ -138,19 +137,24 @@ def flash_backward_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV,
 @triton.jit
 def _dq_from_key_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d,
                        start, stop, n_k, diag, qk_scale,
-                       MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+                       MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
                        UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """Accumulate dQ of one query tile over the key tiles [start, stop)."""
     for start_n in range(start, stop, BLOCK_N):
         cols = start_n + offs_n
-        k = load_tile(k_base + cols[:, None] * stride_kn, cols, n_k, offs_d, True, HEAD_DIM, BLOCK_D)
-        v = load_tile(v_base + cols[:, None] * stride_vn, cols, n_k, offs_d, True, HEAD_DIM, BLOCK_D)
+        k = load_tile(k_base + cols[:, None] * stride_kn, cols, n_k, offs_d, MASKED, HEAD_DIM, BLOCK_D)
+        v = load_tile(v_base + cols[:, None] * stride_vn, cols, n_k, offs_d, MASKED, HEAD_DIM, BLOCK_D)
         if UPCAST:
             k, v = k.to(tl.float32), v.to(tl.float32)
-        # Keys past n_k load as zeros: their dS multiplies a zero row of K and adds nothing.
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         if MASKED:
-            s = tl.where(cols[None, :] <= offs_m[:, None] + diag, s, float("-inf"))
+            # Keys past n_k load as zeros, but that does not make them harmless: their score 0 gives
+            # P = 2^(0 - lse2) = e^(-lse), which overflows (and then inf * 0 = NaN) when every real
+            # score of the row is very negative. So they are masked like the keys causality hides.
+            visible = cols[None, :] < n_k
+            if CAUSAL:
+                visible = visible & (cols[None, :] <= offs_m[:, None] + diag)
+            s = tl.where(visible, s, float("-inf"))
         p = tl.math.exp2(s - lse2[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
@@ -168,19 +172,15 @@ def flash_backward_dq_kernel(Q, K, V, DO, LSE2, DELTA, DQ,
                              n_heads, n_q, n_k, qk_scale, scale,
                              GROUP: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
                              BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                             UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """Grid: (cdiv(Nq, BLOCK_M), B * Hq). Writes dQ of one query tile of one query head."""
-    if CAUSAL:   # longest rows first, so the last wave of programs is the shortest
-        start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
-    else:
-        start_m = tl.program_id(0) * BLOCK_M
-    off_bh = tl.program_id(1)
+                             UPCAST: tl.constexpr, PRECISION: tl.constexpr, INT64: tl.constexpr):
+    """Grid: (cdiv(Nq, BLOCK_M) * B * Hq,). Writes dQ of one query tile of one query head."""
+    start_m, off_bh = tile_and_head(n_q, BLOCK_M, CAUSAL)
     off_b = (off_bh // n_heads).to(tl.int64)
     off_h = (off_bh % n_heads).to(tl.int64)
     off_hkv = off_h // GROUP
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_m = start_m + wide_arange(BLOCK_M, INT64)
+    offs_n = wide_arange(BLOCK_N, INT64)
+    offs_d = wide_arange(BLOCK_D, INT64)
     ok = (offs_m[:, None] < n_q) & (offs_d[None, :] < HEAD_DIM)
     q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                 mask=ok, other=0.0)
@@ -195,6 +195,8 @@ def flash_backward_dq_kernel(Q, K, V, DO, LSE2, DELTA, DQ,
     v_base = V + off_b * stride_vb + off_hkv * stride_vh + offs_d[None, :] * stride_vd
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
+    # Key tiles [0, full_end) are whole and seen by every row; [full_end, stop) need the mask: the
+    # causal diagonal, and the last tile where it runs past n_k.
     diag = n_k - n_q
     if CAUSAL:
         stop = tl.minimum(n_k, start_m + BLOCK_M + diag)
@@ -202,10 +204,12 @@ def flash_backward_dq_kernel(Q, K, V, DO, LSE2, DELTA, DQ,
         full_end = tl.maximum(full_end, 0)
     else:
         stop = n_k
-        full_end = n_k
+        full_end = n_k // BLOCK_N * BLOCK_N
     dq = _dq_from_key_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d,
-                            0, full_end, n_k, diag, qk_scale, False, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, PRECISION)
+                            0, full_end, n_k, diag, qk_scale, False, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST,
+                            PRECISION)
     dq = _dq_from_key_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d,
-                            full_end, stop, n_k, diag, qk_scale, True, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, PRECISION)
+                            full_end, stop, n_k, diag, qk_scale, True, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST,
+                            PRECISION)
     tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
              round_to(dq * scale, DQ.dtype.element_ty, UPCAST), mask=ok)

@@ -15,7 +15,7 @@ diagonal are never loaded.
 import triton
 import triton.language as tl
 
-from .tiles import load_tile, round_to
+from .tiles import load_tile, round_to, tile_and_head, wide_arange
 
 LN2 = tl.constexpr(0.6931471805599453)
 
@@ -30,10 +30,14 @@ def _attend_to_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, k_d
     for start_n in tl.range(start, stop, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         cols = start_n + offs_n
         if USE_TMA:
-            # Hopper's tensor memory accelerator copies the tile; rows past this head's keys
-            # (the next head's, or zeros past the tensor) are masked out of the scores below.
+            # Hopper's tensor memory accelerator copies the tile. A tile that crosses the end of this
+            # head's keys brings in the next head's rows (zeros past the tensor): their scores are
+            # masked below, and their values must be zeroed too, since p = 0 times a non-finite
+            # value is NaN.
             k = k_desc.load([kv_row0 + start_n, 0])
             v = v_desc.load([kv_row0 + start_n, 0])
+            if MASKED:
+                v = tl.where(cols[:, None] < n_k, v, 0.0)
         else:
             k = load_tile(k_base + cols[:, None] * stride_kn, cols, n_k, offs_d, MASKED, HEAD_DIM, BLOCK_D)
             v = load_tile(v_base + cols[:, None] * stride_vn, cols, n_k, offs_d, MASKED, HEAD_DIM, BLOCK_D)
@@ -73,22 +77,19 @@ def flash_forward_kernel(Q, K, V, O, LSE, K_DESC, V_DESC,
                          GROUP: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
                          BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          UPCAST: tl.constexpr, PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,
-                         USE_TMA: tl.constexpr):
-    """Grid: (cdiv(Nq, BLOCK_M), B * Hq). Writes O (B, Hq, Nq, D) and LSE (B, Hq, Nq), natural log.
+                         USE_TMA: tl.constexpr, INT64: tl.constexpr):
+    """Grid: (cdiv(Nq, BLOCK_M) * B * Hq,). Writes O (B, Hq, Nq, D) and LSE (B, Hq, Nq), natural log.
 
-    With USE_TMA, K_DESC and V_DESC are tensor descriptors of K and V viewed as (B * Hkv * Nk, D)."""
-    if CAUSAL:   # longest rows first, so the last wave of programs is the shortest
-        start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
-    else:
-        start_m = tl.program_id(0) * BLOCK_M
-    off_bh = tl.program_id(1)
+    With USE_TMA, K_DESC and V_DESC are tensor descriptors of K and V viewed as (B * Hkv * Nk, D).
+    With INT64, row offsets are 64-bit (a row index times a row stride can pass 2^31)."""
+    start_m, off_bh = tile_and_head(n_q, BLOCK_M, CAUSAL)
     off_b = (off_bh // n_heads).to(tl.int64)
     off_h = (off_bh % n_heads).to(tl.int64)
     off_hkv = off_h // GROUP                      # grouped-query: GROUP query heads share a k/v head
 
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)                # head_dim padded to a power of two; the pad is masked
+    offs_m = start_m + wide_arange(BLOCK_M, INT64)
+    offs_n = wide_arange(BLOCK_N, INT64)
+    offs_d = wide_arange(BLOCK_D, INT64)                # head_dim padded to a power of two; the pad is masked
     row_ok = (offs_m[:, None] < n_q) & (offs_d[None, :] < HEAD_DIM)
     q = load_tile(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                   offs_m, n_q, offs_d, True, HEAD_DIM, BLOCK_D)

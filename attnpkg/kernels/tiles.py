@@ -19,6 +19,32 @@ def load_tile(ptrs, rows, n_rows, offs_d, CHECK_ROWS: tl.constexpr, HEAD_DIM: tl
 
 
 @triton.jit
+def tile_and_head(n, BLOCK: tl.constexpr, LONGEST_FIRST: tl.constexpr):
+    """First row of this program's tile, and its flat (batch, head) index.
+
+    The grid is one axis of ``cdiv(n, BLOCK) * B * H`` programs, tiles varying fastest: CUDA allows
+    2^31 - 1 programs along axis 0 but only 65535 along the others, which ``B * H`` can exceed.
+    With ``LONGEST_FIRST`` (causal) the tiles of a head run in reverse, the longest rows first, so
+    the last wave of programs is the shortest."""
+    n_tiles = tl.cdiv(n, BLOCK)
+    pid = tl.program_id(0)
+    tile = pid % n_tiles
+    if LONGEST_FIRST:
+        tile = n_tiles - 1 - tile
+    return tile * BLOCK, pid // n_tiles
+
+
+@triton.jit
+def wide_arange(BLOCK: tl.constexpr, INT64: tl.constexpr):
+    """``tl.arange(0, BLOCK)``, in 64 bits when ``INT64``. Row offsets are row index x row stride:
+    32-bit arithmetic is faster, and right while every such product stays below 2^31."""
+    offsets = tl.arange(0, BLOCK)
+    if INT64:
+        offsets = offsets.to(tl.int64)
+    return offsets
+
+
+@triton.jit
 def round_to(x, dtype: tl.constexpr, MANUAL_BF16: tl.constexpr):
     """Convert float32 ``x`` to an output dtype, rounding to nearest even.
 

@@ -1,0 +1,75 @@
+"""Time attnpkg against another version of itself, in one process on one GPU, interleaved.
+
+A change that should cost nothing (a fix, a refactor) is checked here before the full benchmark:
+the base version is imported under another name, and for each case the two are timed in
+alternation (``triton.testing.do_bench``, the better median of ``--rounds`` rounds each), so clock
+drift and the machine's state affect both alike.
+
+    git archive <commit> attnpkg | tar -x -C /tmp/base
+    python benchmarks/compare_base.py /tmp/base/attnpkg            # the --quick cases of attnpkg.bench
+    python benchmarks/compare_base.py /tmp/base/attnpkg --case 128,causal,bf16,4096
+"""
+import argparse
+import importlib.util
+import sys
+
+import torch
+
+import attnpkg
+from attnpkg.bench import DTYPES, attention_flops, heads_for, parse_case
+
+
+def load_base(path):
+    spec = importlib.util.spec_from_file_location("attnpkg_base", f"{path}/__init__.py",
+                                                  submodule_search_locations=[path])
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["attnpkg_base"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def times(fn, head_dim, causal, dtype, n):
+    from triton.testing import do_bench
+    batch, heads = heads_for(head_dim)
+    q, k, v = (torch.randn(batch, heads, n, head_dim, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+    o = fn(q, k, v, causal=causal)
+    do = torch.randn_like(o)
+    fwd = do_bench(lambda: fn(q, k, v, causal=causal))
+    bwd = do_bench(lambda: torch.autograd.grad(o, (q, k, v), do, retain_graph=True))
+    return fwd, bwd
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("base", help="folder of the other attnpkg package")
+    parser.add_argument("--case", type=parse_case, action="append", help="D,causal|full,bf16|fp16,N (repeatable)")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args(argv)
+    base = load_base(args.base)
+    cases = args.case or [(d, c, "bf16", n) for d in (64, 128) for c in (False, True) for n in (1024, 4096, 16384)]
+    print(f"{'case':28} {'fwd new/base':>13} {'bwd new/base':>13}   TFLOP/s fwd new, base | bwd new, base")
+    worst = {"forward": [], "backward": []}
+    for head_dim, causal, dtype_name, n in cases:
+        best = {}
+        for _ in range(args.rounds):
+            for name, fn in (("new", attnpkg.flash_attention), ("base", base.flash_attention)):
+                f, b = times(fn, head_dim, causal, DTYPES[dtype_name], n)
+                old = best.get(name, (float("inf"), float("inf")))
+                best[name] = (min(old[0], f), min(old[1], b))
+        batch, heads = heads_for(head_dim)
+        tf = lambda ms, mode: attention_flops(batch, heads, n, head_dim, causal, mode) / ms / 1e9
+        ratio_f = best["base"][0] / best["new"][0]
+        ratio_b = best["base"][1] / best["new"][1]
+        worst["forward"].append(ratio_f)
+        worst["backward"].append(ratio_b)
+        label = f"D{head_dim} {'causal' if causal else 'full'} {dtype_name} N={n}"
+        print(f"{label:28} {ratio_f:13.3f} {ratio_b:13.3f}   {tf(best['new'][0], 'forward'):6.0f} "
+              f"{tf(best['base'][0], 'forward'):6.0f} | {tf(best['new'][1], 'backward'):6.0f} "
+              f"{tf(best['base'][1], 'backward'):6.0f}", flush=True)
+    for mode, ratios in worst.items():
+        print(f"{mode}: speed new/base min {min(ratios):.3f}, geometric mean "
+              f"{torch.tensor(ratios).log().mean().exp().item():.3f}")
+
+
+if __name__ == "__main__":
+    main()
