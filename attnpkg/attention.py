@@ -60,6 +60,10 @@ HOPPER_TILES = {
     "dkdv": {(64, False): _T(128, 32, 4, 3), (64, True): _T(128, 32, 4, 3),
              (128, False): _T(128, 64, 8, 3), (128, True): _T(128, 64, 8, 3),
              (256, False): _T(64, 32, 8, 2), (256, True): _T(64, 32, 8, 2)},
+    # The five-product backward (dK, dV and dQ by atomics in one kernel): dK/dV's tiles to start with.
+    "fused": {(64, False): _T(128, 32, 4, 3), (64, True): _T(128, 32, 4, 3),
+              (128, False): _T(128, 64, 8, 3), (128, True): _T(128, 64, 8, 3),
+              (256, False): _T(64, 32, 8, 2), (256, True): _T(64, 32, 8, 2)},
     "dq": {(64, False): _T(128, 64, 8, 3), (64, True): _T(128, 64, 8, 3),
            (128, False): _T(128, 128, 8, 2), (128, True): _T(128, 128, 8, 2),
            (256, False): _T(64, 32, 8, 2), (256, True): _T(64, 32, 8, 2)},
@@ -70,7 +74,7 @@ INTERPRETER_TILES = _T(32, 32, 4, 1)     # one program at a time on the CPU: any
 
 
 def tiles_for(kernel: str, block_d: int, dtype: torch.dtype, device: torch.device, causal: bool) -> Tiles:
-    """The tile configuration of ``kernel`` ("forward", "dkdv" or "dq") for this head dim, dtype, GPU and mask."""
+    """The tile configuration of ``kernel`` ("forward", "dkdv", "fused" or "dq") for this head dim, dtype, GPU and mask."""
     if device.type != "cuda":
         return INTERPRETER_TILES
     size = 64 if block_d <= 64 else 128 if block_d <= 128 else 256
@@ -160,8 +164,12 @@ def forward_impl(q, k, v, causal: bool, scale: float):
     return o, lse
 
 
-def backward_impl(do, q, k, v, o, lse, dlse, causal: bool, scale: float):
-    """Run the three backward kernels: returns (dq, dk, dv). ``dlse`` (or None) is the gradient of lse."""
+def backward_impl(do, q, k, v, o, lse, dlse, causal: bool, scale: float, deterministic: bool = True):
+    """Run the backward kernels: returns (dq, dk, dv). ``dlse`` (or None) is the gradient of lse.
+
+    ``deterministic=False``: one kernel per key tile computes S, P, dP and dS once and adds its share
+    of dQ into a float32 buffer by atomic adds (5 matrix products per tile pair). ``True``: a second
+    kernel per query tile computes dQ, recomputing S and dP (7 products), every sum in a fixed order."""
     batch, n_heads, n_q, head_dim = q.shape
     n_kv_heads, n_k = k.shape[1], k.shape[2]
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -170,7 +178,12 @@ def backward_impl(do, q, k, v, o, lse, dlse, causal: bool, scale: float):
     if batch == 0 or n_q == 0 or n_k == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     meta = _kernel_meta(q)
-    wide = _needs_int64(q, k, v, o, do, dq, dk, dv)
+    group = n_heads // n_kv_heads
+    # Grouped-query: each query head's share of dK, dV in float32, summed over the group below.
+    dk_part, dv_part = (dk, dv) if group == 1 else (
+        torch.empty((batch, n_heads, n_k, head_dim), dtype=torch.float32, device=q.device) for _ in range(2))
+    dq_acc = dq if deterministic else torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    wide = _needs_int64(q, k, v, o, do, dq_acc, dk_part, dv_part)
     delta = torch.empty((batch, n_heads, n_q), dtype=torch.float32, device=q.device)
     lse2 = torch.empty_like(delta)
     rows = 32 if _interpreting() else 64
@@ -179,21 +192,27 @@ def backward_impl(do, q, k, v, o, lse, dlse, causal: bool, scale: float):
             o, do, lse, dlse.contiguous() if dlse is not None else lse, delta, lse2,   # dlse may be a stride-0 expand
             *o.stride(), *do.stride(), n_heads, n_q,
             HEAD_DIM=head_dim, BLOCK_D=meta["BLOCK_D"], BLOCK_M=rows, HAS_DLSE=dlse is not None, INT64=wide)
-        group = n_heads // n_kv_heads
-        # dK/dV: one program owns a tile of keys; tiles of queries stream past it.
-        t = tiles_for("dkdv", meta["BLOCK_D"], q.dtype, q.device, causal)
-        launch(flash_backward_dkdv_kernel)[(_cdiv(n_k, t.own) * batch * n_kv_heads,)](
-            q, k, v, do, lse2, delta, dk, dv,
-            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-            n_kv_heads, n_q, n_k, scale * LOG2E, scale, GROUP=group, CAUSAL=causal,
-            BLOCK_N=t.own, BLOCK_M=t.streamed, INT64=wide, num_warps=t.num_warps, num_stages=t.num_stages, **meta)
-        # dQ: one program owns a tile of queries; tiles of keys stream past it.
-        t = tiles_for("dq", meta["BLOCK_D"], q.dtype, q.device, causal)
-        launch(flash_backward_dq_kernel)[(_cdiv(n_q, t.own) * batch * n_heads,)](
-            q, k, v, do, lse2, delta, dq,
-            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-            n_heads, n_q, n_k, scale * LOG2E, scale, GROUP=group, CAUSAL=causal,
-            BLOCK_M=t.own, BLOCK_N=t.streamed, INT64=wide, num_warps=t.num_warps, num_stages=t.num_stages, **meta)
+        # dK/dV (and dQ by atomics): one program owns a tile of keys and a query head; query tiles stream past it.
+        t = tiles_for("dkdv" if deterministic else "fused", meta["BLOCK_D"], q.dtype, q.device, causal)
+        launch(flash_backward_dkdv_kernel)[(_cdiv(n_k, t.own) * batch * n_heads,)](
+            q, k, v, do, lse2, delta, dk_part, dv_part, dq_acc,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk_part.stride(), *dv_part.stride(),
+            *dq_acc.stride(), n_heads, n_q, n_k, scale * LOG2E, scale, GROUP=group, CAUSAL=causal,
+            FUSE_DQ=not deterministic, BLOCK_N=t.own, BLOCK_M=t.streamed, INT64=wide,
+            num_warps=t.num_warps, num_stages=t.num_stages, **meta)
+        if deterministic:
+            # dQ: one program owns a tile of queries; tiles of keys stream past it.
+            t = tiles_for("dq", meta["BLOCK_D"], q.dtype, q.device, causal)
+            launch(flash_backward_dq_kernel)[(_cdiv(n_q, t.own) * batch * n_heads,)](
+                q, k, v, do, lse2, delta, dq,
+                *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+                n_heads, n_q, n_k, scale * LOG2E, scale, GROUP=group, CAUSAL=causal,
+                BLOCK_M=t.own, BLOCK_N=t.streamed, INT64=wide, num_warps=t.num_warps, num_stages=t.num_stages, **meta)
+    if not deterministic:
+        dq.copy_(dq_acc.mul_(scale))
+    if group > 1:                    # a fixed order of summation: deterministic
+        dk.copy_(dk_part.view(batch, n_kv_heads, group, n_k, head_dim).sum(2))
+        dv.copy_(dv_part.view(batch, n_kv_heads, group, n_k, head_dim).sum(2))
     return dq, dk, dv
 
 
@@ -201,59 +220,59 @@ class _FlashAttention(torch.autograd.Function):
     """Eager path: the kernels called directly, with as little Python per call as possible."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale):
+    def forward(ctx, q, k, v, causal, scale, deterministic):
         o, lse = forward_impl(q, k, v, causal, scale)
         ctx.set_materialize_grads(False)        # an unused lse gets None, not a tensor of zeros
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.causal, ctx.scale = causal, scale
+        ctx.causal, ctx.scale, ctx.deterministic = causal, scale, deterministic
         return o, lse
 
     @staticmethod
     def backward(ctx, do, dlse):
         q, k, v, o, lse = ctx.saved_tensors
         do = torch.zeros_like(o) if do is None else do
-        dq, dk, dv = backward_impl(do, q, k, v, o, lse, dlse, ctx.causal, ctx.scale)
-        return dq, dk, dv, None, None
+        dq, dk, dv = backward_impl(do, q, k, v, o, lse, dlse, ctx.causal, ctx.scale, ctx.deterministic)
+        return dq, dk, dv, None, None, None
 
 
 # The same kernels as torch.library custom ops, which torch.compile can trace (fake implementations give
 # the output shapes) and call from a compiled graph.
 @torch.library.custom_op("attnpkg::flash_attention_forward", mutates_args=())
-def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
+                deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return forward_impl(q, k, v, causal, scale)
 
 
 @_forward_op.register_fake
-def _(q, k, v, causal, scale):
+def _(q, k, v, causal, scale, deterministic):
     batch, n_heads, n_q, head_dim = q.shape
     return q.new_empty((batch, n_heads, n_q, head_dim)), q.new_empty((batch, n_heads, n_q), dtype=torch.float32)
 
 
 @torch.library.custom_op("attnpkg::flash_attention_backward", mutates_args=())
 def _backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                 lse: torch.Tensor, dlse: Optional[torch.Tensor], causal: bool, scale: float
+                 lse: torch.Tensor, dlse: Optional[torch.Tensor], causal: bool, scale: float, deterministic: bool
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return backward_impl(do, q, k, v, o, lse, dlse, causal, scale)
+    return backward_impl(do, q, k, v, o, lse, dlse, causal, scale, deterministic)
 
 
 @_backward_op.register_fake
-def _(do, q, k, v, o, lse, dlse, causal, scale):
+def _(do, q, k, v, o, lse, dlse, causal, scale, deterministic):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, causal, scale = inputs
+    q, k, v, causal, scale, deterministic = inputs
     o, lse = output
     ctx.save_for_backward(q, k, v, o, lse)
-    ctx.causal, ctx.scale = causal, scale
+    ctx.causal, ctx.scale, ctx.deterministic = causal, scale, deterministic
 
 
 def _backward_rule(ctx, do, dlse):
     q, k, v, o, lse = ctx.saved_tensors
     do = torch.zeros_like(o) if do is None else do
-    dq, dk, dv = _backward_op(do, q, k, v, o, lse, dlse, ctx.causal, ctx.scale)
-    return dq, dk, dv, None, None
+    dq, dk, dv = _backward_op(do, q, k, v, o, lse, dlse, ctx.causal, ctx.scale, ctx.deterministic)
+    return dq, dk, dv, None, None, None
 
 
 _forward_op.register_autograd(_backward_rule, setup_context=_setup_context)
@@ -310,7 +329,7 @@ def _check_inputs(q, k, v, scale):
                          f"through Triton's interpreter)")
 
 
-def flash_attention(q, k, v, *, causal=False, scale=None, return_lse=False):
+def flash_attention(q, k, v, *, causal=False, scale=None, return_lse=False, deterministic=None):
     """Exact softmax attention with the FlashAttention algorithm, forward and backward in Triton.
 
     A drop-in for ``torch.nn.functional.scaled_dot_product_attention(q, k, v)`` without dropout
@@ -331,6 +350,11 @@ def flash_attention(q, k, v, *, causal=False, scale=None, return_lse=False):
             compute in float32, a normal float32 number (about 1.2e-38 to 1.7e38).
         return_lse: also return the row log-sum-exp ``lse[b, h, i] = log sum_j exp(scale q_i.k_j)``
             (natural log, float32, ``(B, Hq, Nq)``), the quantity that merges partial attentions.
+        deterministic: whether the backward pass must give bit-identical gradients on every run.
+            ``None`` (default) follows ``torch.are_deterministic_algorithms_enabled()``. ``False``
+            allows the five-product backward, which adds dQ by float32 atomic adds (their order,
+            and so the last bits of dQ, vary from run to run); ``True`` computes dQ in a second
+            kernel with every sum in a fixed order (two more matrix products per tile pair).
 
     Returns:
         ``o`` of shape ``(B, Hq, Nq, D)`` in the dtype of ``q``, and ``lse`` if ``return_lse``.
@@ -338,14 +362,17 @@ def flash_attention(q, k, v, *, causal=False, scale=None, return_lse=False):
     Supported: float16 and bfloat16 (fp32 accumulation) and float32; any ``D`` from 1 to 256; any
     sequence length; strided inputs. CUDA tensors run the compiled kernels; without a CUDA GPU,
     CPU tensors run the same kernels through Triton's interpreter (slow: for small shapes).
-    The backward pass is deterministic.
     """
     _check_inputs(q, k, v, scale)
+    if deterministic is not None and not isinstance(deterministic, bool):
+        raise TypeError(f"flash_attention: deterministic must be None, True or False, got {deterministic!r}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
     if torch.compiler.is_compiling():
-        o, lse = _forward_op(q, k, v, bool(causal), scale)
+        o, lse = _forward_op(q, k, v, bool(causal), scale, deterministic)
     elif torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        o, lse = _FlashAttention.apply(q, k, v, bool(causal), scale)
+        o, lse = _FlashAttention.apply(q, k, v, bool(causal), scale, deterministic)
     else:                                   # inference: no graph to record
         o, lse = forward_impl(q, k, v, bool(causal), scale)
     return (o, lse) if return_lse else o

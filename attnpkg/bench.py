@@ -12,17 +12,20 @@ a CSV and plots. Without a CUDA GPU it says so and exits.
     python -m attnpkg.bench --quick         # N in {1k, 4k, 16k}, bf16 (a couple of minutes)
     python -m attnpkg.bench --case 128,causal,bf16,8192
     python -m attnpkg.bench --memory        # also peak memory of forward + backward against N
+    python -m attnpkg.bench --gqa           # also grouped- and multi-query cases
 """
 import argparse
 import csv
 import datetime
+import itertools
 import os
 import platform
 import sys
 
 import torch
 
-PROVIDERS = ("attnpkg", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient")
+# attnpkg: the default backward (five products, dQ by atomic adds); attnpkg-det: deterministic=True.
+PROVIDERS = ("attnpkg", "attnpkg-det", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient")
 ROUNDS = 2
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -44,21 +47,26 @@ def _sdpa(backend):
 
     def run(q, k, v, causal):
         with sdpa_kernel(chosen):
-            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal,
+                                                                    enable_gqa=q.shape[1] != k.shape[1])
     return run
 
 
-def _attnpkg(q, k, v, causal):
-    import attnpkg
-    return attnpkg.flash_attention(q, k, v, causal=causal)
+def _attnpkg(deterministic):
+    def run(q, k, v, causal):
+        import attnpkg
+        return attnpkg.flash_attention(q, k, v, causal=causal, deterministic=deterministic)
+    return run
 
 
-def measure(provider, head_dim, causal, dtype, n, check_against=None):
-    """Median milliseconds of the forward and of the backward pass, or None if unsupported."""
+def measure(provider, head_dim, causal, dtype, n, check_against=None, heads=None):
+    """Median milliseconds of the forward and of the backward pass, or None if unsupported.
+    ``heads``: (batch, query heads, key/value heads) instead of the default shape."""
     from triton.testing import do_bench
-    batch, heads = heads_for(head_dim)
-    fn = _attnpkg if provider == "attnpkg" else _sdpa(provider)
-    q, k, v = (torch.randn(batch, heads, n, head_dim, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+    batch, hq, hkv = heads or (*heads_for(head_dim), heads_for(head_dim)[1])
+    fn = _attnpkg(provider == "attnpkg-det") if provider.startswith("attnpkg") else _sdpa(provider)
+    q = torch.randn(batch, hq, n, head_dim, device="cuda", dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(batch, hkv, n, head_dim, device="cuda", dtype=dtype, requires_grad=True) for _ in range(2))
     try:
         o = fn(q, k, v, causal)
     except RuntimeError:        # the backend does not support this case
@@ -178,6 +186,44 @@ def run(cases, out_dir, plot=True):
     return rows
 
 
+GQA_CASES = [(1, 32, hkv, 4096, 128) for hkv in (32, 8, 1)]   # (B, Hq, Hkv, N, D): full width to multi-query
+
+
+def run_gqa(out_dir, causal_flags=(False, True), dtype_name="bf16"):
+    """Grouped-query and multi-query attention at one query width: TFLOP/s should not drop with Hkv."""
+    rows = []
+    print(f"\ngrouped-query: TFLOP/s by provider ({', '.join(PROVIDERS[:4])}), {dtype_name}")
+    for (batch, hq, hkv, n, head_dim), causal in itertools.product(GQA_CASES, causal_flags):
+        best = {}
+        for _ in range(ROUNDS):
+            for provider in PROVIDERS[:4]:
+                fwd, bwd, _ = measure(provider, head_dim, causal, DTYPES[dtype_name], n, heads=(batch, hq, hkv))
+                for mode, ms in (("forward", fwd), ("backward", bwd)):
+                    old = best.get((provider, mode))
+                    best[provider, mode] = min(ms, old) if ms and old else (ms or old)
+                torch.cuda.empty_cache()
+        line = []
+        for mode in ("forward", "backward"):
+            values = []
+            for provider in PROVIDERS[:4]:
+                ms = best[provider, mode]
+                tflops = attention_flops(batch, hq, n, head_dim, causal, mode) / ms / 1e9 if ms else None
+                rows.append(dict(batch=batch, heads=hq, kv_heads=hkv, n=n, head_dim=head_dim, causal=causal,
+                                 dtype=dtype_name, provider=provider, mode=mode, ms=ms, tflops=tflops))
+                values.append(f"{tflops:6.1f}" if tflops else "     -")
+            line.append(mode[:3] + " " + " ".join(values))
+        print(f"B={batch} Hq={hq} Hkv={hkv:<2} N={n} D={head_dim} {'causal' if causal else 'full  '}  " + "  ".join(line),
+              flush=True)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "gqa.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) + list(environment()))
+        writer.writeheader()
+        env = environment()
+        for row in rows:
+            writer.writerow({**row, **env})
+    return rows
+
+
 def _lookup(rows, provider, mode, **case):
     for r in rows:
         if r["provider"] == provider and r["mode"] == mode and all(r[key] == value for key, value in case.items()):
@@ -195,22 +241,26 @@ def _case_line(rows, head_dim, causal, dtype_name, n):
 
 
 def summary_table(rows):
-    """TFLOP/s of attnpkg and its ratio to each SDPA backend, one line per case and pass."""
-    lines = ["", "TFLOP/s of attnpkg, and attnpkg / backend (higher is better)",
-             f"{'case':<30} {'pass':<8} {'attnpkg':>8} " + " ".join(f"{'/' + p[5:]:>10}" for p in PROVIDERS[1:])]
+    """TFLOP/s of attnpkg (both backward modes) and its ratio to each SDPA backend, one line per case and pass."""
+    sdpa = [p for p in PROVIDERS if p.startswith("sdpa")]
+    lines = ["", "TFLOP/s of attnpkg, and attnpkg / backend (higher is better; det: deterministic=True)",
+             f"{'case':<30} {'pass':<12} {'TFLOP/s':>8} " + " ".join(f"{'/' + p[5:]:>10}" for p in sdpa)]
     seen = []
     for r in rows:
-        key = (r["head_dim"], r["causal"], r["dtype"], r["n"], r["mode"])
-        if key in seen or r["provider"] != "attnpkg":
+        key = (r["head_dim"], r["causal"], r["dtype"], r["n"], r["mode"], r["provider"])
+        if key in seen or not r["provider"].startswith("attnpkg") or not r["tflops"]:
+            continue
+        if r["provider"] == "attnpkg-det" and r["mode"] == "forward":    # the same forward pass
             continue
         seen.append(key)
         case = dict(head_dim=r["head_dim"], causal=r["causal"], dtype=r["dtype"], n=r["n"])
         ratios = []
-        for p in PROVIDERS[1:]:
+        for p in sdpa:
             other = _lookup(rows, p, r["mode"], **case)
-            ratios.append(f"{r['tflops'] / other:10.2f}" if other and r["tflops"] else f"{'-':>10}")
+            ratios.append(f"{r['tflops'] / other:10.2f}" if other else f"{'-':>10}")
         name = f"D{r['head_dim']} {'causal' if r['causal'] else 'full'} {r['dtype']} N={r['n']}"
-        lines.append(f"{name:<30} {r['mode']:<8} {r['tflops']:8.1f} " + " ".join(ratios))
+        mode = r["mode"] + (" det" if r["provider"] == "attnpkg-det" else "")
+        lines.append(f"{name:<30} {mode:<12} {r['tflops']:8.1f} " + " ".join(ratios))
     return "\n".join(lines)
 
 
@@ -250,6 +300,7 @@ def main(argv=None):
     parser.add_argument("--case", type=parse_case, action="append", help="one case: D,causal|full,bf16|fp16,N (repeatable)")
     parser.add_argument("--out", default="bench-results", help="folder for the CSV and the plots")
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--gqa", action="store_true", help="also grouped- and multi-query cases (B=1, Hq=32, N=4k, D=128)")
     parser.add_argument("--memory", action="store_true",
                         help="also measure peak memory of forward + backward, flash against materialised, N = 1k..16k")
     args = parser.parse_args(argv)
@@ -264,6 +315,8 @@ def main(argv=None):
         dtypes = ("bf16",) if args.quick else ("bf16", "fp16")
         cases = [(d, c, t, n) for t in dtypes for d in (64, 128) for c in (False, True) for n in lengths]
     run(cases, args.out, plot=not args.no_plot)
+    if args.gqa:
+        run_gqa(args.out)
     if args.memory:
         run_memory(args.out)
     return 0

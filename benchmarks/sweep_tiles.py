@@ -2,7 +2,7 @@
 
     python benchmarks/sweep_tiles.py [--n 8192] [--dtype bf16] > sweep.txt
 
-For each kernel (forward, dkdv, dq), head dim (64, 128) and causal flag it times every candidate
+For each kernel (forward, dkdv, dq, fused: the five-product backward), head dim (64, 128) and causal flag it times every candidate
 in ``CANDIDATES`` with the others at their table values, and prints TFLOP/s per candidate and
 the best one: the numbers behind ``attnpkg.attention.HOPPER_TILES`` (see NOTES.md).
 """
@@ -23,6 +23,8 @@ CANDIDATES = {
                 T(128, 64, 8, 5, False, True), T(64, 128, 4, 3, False, True), T(128, 128, 8, 2, True, True)],
     "dkdv": [T(128, 64, 8, 3), T(128, 32, 4, 3), T(128, 64, 4, 3), T(64, 64, 4, 3), T(128, 128, 8, 2),
              T(64, 128, 4, 3), T(128, 32, 8, 3), T(64, 32, 4, 3)],
+    "fused": [T(128, 64, 8, 3), T(128, 32, 4, 3), T(128, 64, 8, 2), T(64, 64, 4, 3), T(128, 32, 8, 3),
+              T(64, 128, 8, 2), T(128, 128, 8, 2), T(64, 32, 4, 3)],
     "dq": [T(128, 64, 8, 3), T(128, 32, 4, 3), T(128, 64, 4, 3), T(64, 64, 4, 3), T(128, 128, 8, 2),
            T(64, 32, 4, 3), T(128, 32, 8, 3), T(64, 128, 4, 3)],
 }
@@ -39,8 +41,9 @@ def time_kernel(kernel, tiles, head_dim, causal, dtype, n):
         if kernel == "forward":
             ms = do_bench(lambda: attention.forward_impl(q, k, v, causal, scale), warmup=25, rep=100, return_mode="median")
             return attention_flops(batch, heads, n, head_dim, causal, "forward") / ms / 1e9
-        ms = do_bench(lambda: attention.backward_impl(do, q, k, v, o, lse, None, causal, scale), warmup=25, rep=100,
-                      return_mode="median")
+        deterministic = kernel != "fused"        # dkdv and dq: the deterministic two-kernel pass
+        ms = do_bench(lambda: attention.backward_impl(do, q, k, v, o, lse, None, causal, scale, deterministic),
+                      warmup=25, rep=100, return_mode="median")
         return attention_flops(batch, heads, n, head_dim, causal, "backward") / ms / 1e9
     except Exception as error:          # out of shared memory or registers: not a candidate here
         return f"{type(error).__name__}"

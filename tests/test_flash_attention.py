@@ -10,9 +10,9 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 HALF = torch.bfloat16 if DEVICE == "cuda" else torch.float16
 
 
-def run_flash(q, k, v, do, causal, scale=None):
+def run_flash(q, k, v, do, causal, scale=None, deterministic=None):
     q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    o, lse = attnpkg.flash_attention(q, k, v, causal=causal, scale=scale, return_lse=True)
+    o, lse = attnpkg.flash_attention(q, k, v, causal=causal, scale=scale, return_lse=True, deterministic=deterministic)
     o.backward(do)
     return {"o": o, "lse": lse, "dq": q.grad, "dk": k.grad, "dv": v.grad}
 
@@ -39,11 +39,44 @@ SMALL_CASES = [
 ]
 
 
+# The two backward passes: five products with dQ by atomic adds, and the deterministic seven.
+MODES = {"fused": False, "deterministic": True}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("case", SMALL_CASES, ids=lambda c: "x".join(map(str, c)))
-def test_matches_float64_reference(case, causal):
+def test_matches_float64_reference(case, causal, mode):
     q, k, v, do = random_inputs(*case, HALF)
-    assert_flash_accuracy(run_flash(q, k, v, do, causal), q, k, v, do, causal)
+    assert_flash_accuracy(run_flash(q, k, v, do, causal, deterministic=MODES[mode]), q, k, v, do, causal)
+
+
+@pytest.mark.parametrize("setting", [None, True, False])
+@pytest.mark.parametrize("torch_flag", [False, True])
+def test_deterministic_follows_torch_unless_given(monkeypatch, setting, torch_flag):
+    from attnpkg import attention
+    seen = []
+    real = attention.backward_impl
+    monkeypatch.setattr(attention, "backward_impl", lambda *args: seen.append(args[-1]) or real(*args))
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: torch_flag)
+    q, k, v = (torch.randn(1, 2, 8, 16, device=DEVICE, dtype=HALF, requires_grad=True) for _ in range(3))
+    attnpkg.flash_attention(q, k, v, deterministic=setting).sum().backward()
+    assert seen == [torch_flag if setting is None else setting]
+    with pytest.raises(TypeError, match="deterministic must be None, True or False"):
+        attnpkg.flash_attention(q, k, v, deterministic="yes")
+
+
+def test_fused_backward_launches_no_dq_kernel(monkeypatch):
+    """deterministic=False runs the five-product kernel alone; True adds the dQ kernel."""
+    from attnpkg import attention
+    launched = []
+    real = attention.launch
+    monkeypatch.setattr(attention, "launch", lambda kernel: launched.append(kernel.__name__) or real(kernel))
+    q, k, v = (torch.randn(1, 2, 8, 16, device=DEVICE, dtype=HALF, requires_grad=True) for _ in range(3))
+    for deterministic in (False, True):
+        launched.clear()
+        attnpkg.flash_attention(q, k, v, deterministic=deterministic).sum().backward()
+        assert ("flash_backward_dq_kernel" in launched) == deterministic, launched
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
@@ -137,7 +170,7 @@ def test_gradient_of_lse_sum_is_an_expanded_tensor():
 
 def test_backward_is_deterministic():
     q, k, v, do = random_inputs(2, 4, 2, 70, 70, 32, HALF)
-    first, second = run_flash(q, k, v, do, True), run_flash(q, k, v, do, True)
+    first, second = run_flash(q, k, v, do, True, deterministic=True), run_flash(q, k, v, do, True, deterministic=True)
     for name in ("dq", "dk", "dv"):
         assert torch.equal(first[name], second[name]), name
 
@@ -185,12 +218,13 @@ GPU_CASES = [(b, h, hkv, n, n, d) for (b, h, hkv) in [(2, 4, 4), (1, 8, 2)] for 
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("mode", list(MODES))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "x".join(map(str, c)))
-def test_gpu_matches_float64_reference(case, causal, dtype):
+def test_gpu_matches_float64_reference(case, causal, dtype, mode):
     q, k, v, do = random_inputs(*case, dtype)
-    assert_flash_accuracy(run_flash(q, k, v, do, causal), q, k, v, do, causal)
+    assert_flash_accuracy(run_flash(q, k, v, do, causal, deterministic=MODES[mode]), q, k, v, do, causal)
 
 
 @pytest.mark.gpu

@@ -51,13 +51,14 @@ def flash_backward_preprocess(O, DO, LSE, DLSE, DELTA, LSE2,
 
 
 @triton.jit
-def _dkdv_from_query_tiles(dk, dv, k, v, q_base, do_base, lse2_base, delta_base, stride_qm, stride_dom,
-                           offs_n, offs_m, offs_d, start, stop, n_q, diag, qk_scale,
-                           MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                           UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """Accumulate dK, dV of one key tile over the query tiles [start, stop) of one query head.
+def _dkdv_from_query_tiles(dk, dv, k, v, q_base, do_base, dq_base, lse2_base, delta_base, stride_qm, stride_dom,
+                           stride_dqm, offs_n, offs_m, offs_d, start, stop, n_q, n_k, diag, qk_scale,
+                           MASKED: tl.constexpr, CAUSAL: tl.constexpr, FUSE_DQ: tl.constexpr, HEAD_DIM: tl.constexpr,
+                           BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """Accumulate dK, dV of one key tile over the query tiles [start, stop) of one query head, and with
+    FUSE_DQ add each tile's share dS K of dQ into a float32 buffer.
 
-    Works on transposed tiles (keys along rows) so that no transpose of P or dS is needed."""
+    Works on transposed tiles (keys along rows) so that no transpose of P or dS is needed for dK, dV."""
     for start_m in range(start, stop, BLOCK_M):
         rows = start_m + offs_m
         q = load_tile(q_base + rows[:, None] * stride_qm, rows, n_q, offs_d, True, HEAD_DIM, BLOCK_D)
@@ -68,32 +69,51 @@ def _dkdv_from_query_tiles(dk, dv, k, v, q_base, do_base, lse2_base, delta_base,
         if UPCAST:
             q, do = q.to(tl.float32), do.to(tl.float32)
         s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
-        if MASKED:  # causal: key j is seen by query i when j <= i + diag
-            s_t = tl.where(offs_n[:, None] <= rows[None, :] + diag, s_t, float("-inf"))
+        if MASKED:
+            # Keys past n_k (a ragged last tile) and, causal, keys after the query: j <= i + diag.
+            # Masking the former matters where dQ is computed here: their zero score would give
+            # P = e^(-lse), which can overflow, times a zero row of K.
+            visible = offs_n[:, None] < n_k
+            if CAUSAL:
+                visible = visible & (offs_n[:, None] <= rows[None, :] + diag)
+            s_t = tl.where(visible, s_t, float("-inf"))
         p_t = tl.math.exp2(s_t - lse2[None, :])
-        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)        # dV_J += P_IJ^T dO_I
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)               # dP_IJ^T = V_J dO_I^T
         ds_t = p_t * (dp_t - delta[None, :])
-        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)        # dK_J += dS_IJ^T Q_I
+        if FUSE_DQ:
+            # The fifth product, dQ_I += dS_IJ K_J, which the dQ kernel would otherwise recompute S
+            # and dP for. Other key tiles add to the same rows at the same time: float32 atomic adds,
+            # whose order (and so the last bits of dQ) changes from run to run.
+            dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=PRECISION)
+            tl.atomic_add(dq_base + rows[:, None] * stride_dqm, dq,
+                          mask=(rows[:, None] < n_q) & (offs_d[None, :] < HEAD_DIM), sem="relaxed")
     return dk, dv
 
 
 @triton.jit
-def flash_backward_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV,
+def flash_backward_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, DQ,
                                stride_qb, stride_qh, stride_qm, stride_qd,
                                stride_kb, stride_kh, stride_kn, stride_kd,
                                stride_vb, stride_vh, stride_vn, stride_vd,
                                stride_dob, stride_doh, stride_dom, stride_dod,
                                stride_dkb, stride_dkh, stride_dkn, stride_dkd,
                                stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-                               n_kv_heads, n_q, n_k, qk_scale, scale,
-                               GROUP: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
-                               BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                               UPCAST: tl.constexpr, PRECISION: tl.constexpr, INT64: tl.constexpr):
-    """Grid: (cdiv(Nk, BLOCK_N) * B * Hkv,). Writes dK and dV of one key tile of one k/v head."""
+                               stride_dqb, stride_dqh, stride_dqm, stride_dqd,
+                               n_heads, n_q, n_k, qk_scale, scale,
+                               GROUP: tl.constexpr, CAUSAL: tl.constexpr, FUSE_DQ: tl.constexpr,
+                               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                               BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                               INT64: tl.constexpr):
+    """Grid: (cdiv(Nk, BLOCK_N) * B * Hq,). One program per key tile and *query* head writes that query
+    head's dK and dV of the tile: the gradient itself when GROUP = 1, else a float32 partial that the
+    launcher sums over the GROUP query heads of each k/v head (every head of a group works in parallel).
+    With FUSE_DQ it also adds its share of dQ into the float32 buffer DQ (5 products in all)."""
     start_n, off_bh = tile_and_head(n_k, BLOCK_N, False)
-    off_b = (off_bh // n_kv_heads).to(tl.int64)
-    off_hkv = (off_bh % n_kv_heads).to(tl.int64)
+    off_b = (off_bh // n_heads).to(tl.int64)
+    off_h = (off_bh % n_heads).to(tl.int64)
+    off_hkv = off_h // GROUP
     offs_n = start_n + wide_arange(BLOCK_N, INT64)
     offs_m = wide_arange(BLOCK_M, INT64)
     offs_d = wide_arange(BLOCK_D, INT64)
@@ -108,7 +128,8 @@ def flash_backward_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV,
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
     # Query tiles [masked_start, full_start) cut the causal diagonal of this key tile; tiles from
-    # full_start on see all of it; tiles before masked_start see none of it and are skipped.
+    # full_start on see all of it; tiles before masked_start see none of it and are skipped. A
+    # ragged last key tile is masked against every query tile.
     diag = n_k - n_q
     if CAUSAL:
         masked_start = (tl.maximum(start_n - diag, 0) // BLOCK_M) * BLOCK_M
@@ -117,20 +138,21 @@ def flash_backward_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV,
     else:
         masked_start = 0
         full_start = 0
-    for g in range(GROUP):  # the query heads that share this k/v head, in a fixed order
-        off_h = off_hkv * GROUP + g
-        row0 = (off_b * n_kv_heads * GROUP + off_h) * n_q
-        q_base = Q + off_b * stride_qb + off_h * stride_qh + offs_d[None, :] * stride_qd
-        do_base = DO + off_b * stride_dob + off_h * stride_doh + offs_d[None, :] * stride_dod
-        dk, dv = _dkdv_from_query_tiles(dk, dv, k, v, q_base, do_base, LSE2 + row0, DELTA + row0, stride_qm, stride_dom,
-                                        offs_n, offs_m, offs_d, masked_start, full_start, n_q, diag, qk_scale,
-                                        True, HEAD_DIM, BLOCK_D, BLOCK_M, UPCAST, PRECISION)
-        dk, dv = _dkdv_from_query_tiles(dk, dv, k, v, q_base, do_base, LSE2 + row0, DELTA + row0, stride_qm, stride_dom,
-                                        offs_n, offs_m, offs_d, full_start, n_q, n_q, diag, qk_scale,
-                                        False, HEAD_DIM, BLOCK_D, BLOCK_M, UPCAST, PRECISION)
-    tl.store(DK + off_b * stride_dkb + off_hkv * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
+    if start_n + BLOCK_N > n_k:
+        full_start = n_q
+    row0 = off_bh.to(tl.int64) * n_q
+    q_base = Q + off_b * stride_qb + off_h * stride_qh + offs_d[None, :] * stride_qd
+    do_base = DO + off_b * stride_dob + off_h * stride_doh + offs_d[None, :] * stride_dod
+    dq_base = DQ + off_b * stride_dqb + off_h * stride_dqh + offs_d[None, :] * stride_dqd
+    dk, dv = _dkdv_from_query_tiles(dk, dv, k, v, q_base, do_base, dq_base, LSE2 + row0, DELTA + row0, stride_qm,
+                                    stride_dom, stride_dqm, offs_n, offs_m, offs_d, masked_start, full_start, n_q, n_k,
+                                    diag, qk_scale, True, CAUSAL, FUSE_DQ, HEAD_DIM, BLOCK_D, BLOCK_M, UPCAST, PRECISION)
+    dk, dv = _dkdv_from_query_tiles(dk, dv, k, v, q_base, do_base, dq_base, LSE2 + row0, DELTA + row0, stride_qm,
+                                    stride_dom, stride_dqm, offs_n, offs_m, offs_d, full_start, n_q, n_q, n_k,
+                                    diag, qk_scale, False, CAUSAL, FUSE_DQ, HEAD_DIM, BLOCK_D, BLOCK_M, UPCAST, PRECISION)
+    tl.store(DK + off_b * stride_dkb + off_h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
              round_to(dk * scale, DK.dtype.element_ty, UPCAST), mask=kv_ok)
-    tl.store(DV + off_b * stride_dvb + off_hkv * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
+    tl.store(DV + off_b * stride_dvb + off_h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
              round_to(dv, DV.dtype.element_ty, UPCAST), mask=kv_ok)
 
 
