@@ -60,8 +60,8 @@ HOPPER_TILES = {
     "dkdv": {(64, False): _T(128, 32, 4, 3), (64, True): _T(128, 32, 4, 3),
              (128, False): _T(128, 64, 8, 3), (128, True): _T(128, 64, 8, 3),
              (256, False): _T(64, 32, 8, 2), (256, True): _T(64, 32, 8, 2)},
-    # The five-product backward (dK, dV and dQ by atomics in one kernel): dK/dV's tiles to start with.
-    "fused": {(64, False): _T(128, 32, 4, 3), (64, True): _T(128, 32, 4, 3),
+    # The five-product backward (dK, dV and dQ by atomics in one kernel; off, see FUSED_BACKWARD).
+    "fused": {(64, False): _T(128, 32, 4, 3), (64, True): _T(128, 32, 4, 3),        # best of the H200 sweep
               (128, False): _T(128, 64, 8, 3), (128, True): _T(128, 64, 8, 3),
               (256, False): _T(64, 32, 8, 2), (256, True): _T(64, 32, 8, 2)},
     "dq": {(64, False): _T(128, 64, 8, 3), (64, True): _T(128, 64, 8, 3),
@@ -164,12 +164,20 @@ def forward_impl(q, k, v, causal: bool, scale: float):
     return o, lse
 
 
+# The five-product backward (dQ added by atomics from the dK/dV kernel) is exact, but on the H200
+# with Triton 3.6 it measured 0.80-0.98x the two-kernel pass (benchmarks/NOTES.md): whole-tile
+# float32 atomic adds cost more than the two products they save. So deterministic=False runs the
+# two-kernel pass too, which is also deterministic, until a GPU and Triton where the fused one wins.
+FUSED_BACKWARD = False
+
+
 def backward_impl(do, q, k, v, o, lse, dlse, causal: bool, scale: float, deterministic: bool = True):
     """Run the backward kernels: returns (dq, dk, dv). ``dlse`` (or None) is the gradient of lse.
 
-    ``deterministic=False``: one kernel per key tile computes S, P, dP and dS once and adds its share
-    of dQ into a float32 buffer by atomic adds (5 matrix products per tile pair). ``True``: a second
-    kernel per query tile computes dQ, recomputing S and dP (7 products), every sum in a fixed order."""
+    Two kernels: one per key tile for dK and dV, one per query tile for dQ, each recomputing S and
+    dP (7 matrix products per tile pair), every sum in a fixed order. With ``FUSED_BACKWARD`` and
+    ``deterministic=False``: the dK/dV kernel alone computes S, P, dP and dS once and adds its share
+    of dQ into a float32 buffer by atomic adds (5 products), whose order varies from run to run."""
     batch, n_heads, n_q, head_dim = q.shape
     n_kv_heads, n_k = k.shape[1], k.shape[2]
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -182,7 +190,8 @@ def backward_impl(do, q, k, v, o, lse, dlse, causal: bool, scale: float, determi
     # Grouped-query: each query head's share of dK, dV in float32, summed over the group below.
     dk_part, dv_part = (dk, dv) if group == 1 else (
         torch.empty((batch, n_heads, n_k, head_dim), dtype=torch.float32, device=q.device) for _ in range(2))
-    dq_acc = dq if deterministic else torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    fuse = FUSED_BACKWARD and not deterministic
+    dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if fuse else dq
     wide = _needs_int64(q, k, v, o, do, dq_acc, dk_part, dv_part)
     delta = torch.empty((batch, n_heads, n_q), dtype=torch.float32, device=q.device)
     lse2 = torch.empty_like(delta)
@@ -193,14 +202,14 @@ def backward_impl(do, q, k, v, o, lse, dlse, causal: bool, scale: float, determi
             *o.stride(), *do.stride(), n_heads, n_q,
             HEAD_DIM=head_dim, BLOCK_D=meta["BLOCK_D"], BLOCK_M=rows, HAS_DLSE=dlse is not None, INT64=wide)
         # dK/dV (and dQ by atomics): one program owns a tile of keys and a query head; query tiles stream past it.
-        t = tiles_for("dkdv" if deterministic else "fused", meta["BLOCK_D"], q.dtype, q.device, causal)
+        t = tiles_for("fused" if fuse else "dkdv", meta["BLOCK_D"], q.dtype, q.device, causal)
         launch(flash_backward_dkdv_kernel)[(_cdiv(n_k, t.own) * batch * n_heads,)](
             q, k, v, do, lse2, delta, dk_part, dv_part, dq_acc,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk_part.stride(), *dv_part.stride(),
             *dq_acc.stride(), n_heads, n_q, n_k, scale * LOG2E, scale, GROUP=group, CAUSAL=causal,
-            FUSE_DQ=not deterministic, BLOCK_N=t.own, BLOCK_M=t.streamed, INT64=wide,
+            FUSE_DQ=fuse, BLOCK_N=t.own, BLOCK_M=t.streamed, INT64=wide,
             num_warps=t.num_warps, num_stages=t.num_stages, **meta)
-        if deterministic:
+        if not fuse:
             # dQ: one program owns a tile of queries; tiles of keys stream past it.
             t = tiles_for("dq", meta["BLOCK_D"], q.dtype, q.device, causal)
             launch(flash_backward_dq_kernel)[(_cdiv(n_q, t.own) * batch * n_heads,)](
@@ -208,7 +217,7 @@ def backward_impl(do, q, k, v, o, lse, dlse, causal: bool, scale: float, determi
                 *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
                 n_heads, n_q, n_k, scale * LOG2E, scale, GROUP=group, CAUSAL=causal,
                 BLOCK_M=t.own, BLOCK_N=t.streamed, INT64=wide, num_warps=t.num_warps, num_stages=t.num_stages, **meta)
-    if not deterministic:
+    if fuse:
         dq.copy_(dq_acc.mul_(scale))
     if group > 1:                    # a fixed order of summation: deterministic
         dk.copy_(dk_part.view(batch, n_kv_heads, group, n_k, head_dim).sum(2))
@@ -351,10 +360,10 @@ def flash_attention(q, k, v, *, causal=False, scale=None, return_lse=False, dete
         return_lse: also return the row log-sum-exp ``lse[b, h, i] = log sum_j exp(scale q_i.k_j)``
             (natural log, float32, ``(B, Hq, Nq)``), the quantity that merges partial attentions.
         deterministic: whether the backward pass must give bit-identical gradients on every run.
-            ``None`` (default) follows ``torch.are_deterministic_algorithms_enabled()``. ``False``
-            allows the five-product backward, which adds dQ by float32 atomic adds (their order,
-            and so the last bits of dQ, vary from run to run); ``True`` computes dQ in a second
-            kernel with every sum in a fixed order (two more matrix products per tile pair).
+            ``None`` (default) follows ``torch.are_deterministic_algorithms_enabled()``. ``True``
+            guarantees it. ``False`` allows a non-deterministic pass where one is faster; the
+            package has one (dQ by float32 atomic adds, five matrix products per tile pair instead
+            of seven), but it measured slower on the GPUs tested, so today every pass is deterministic.
 
     Returns:
         ``o`` of shape ``(B, Hq, Nq, D)`` in the dtype of ``q``, and ``lse`` if ``return_lse``.

@@ -24,8 +24,9 @@ import sys
 
 import torch
 
-# attnpkg: the default backward (five products, dQ by atomic adds); attnpkg-det: deterministic=True.
-PROVIDERS = ("attnpkg", "attnpkg-det", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient")
+# attnpkg: as shipped (the two-kernel backward); attnpkg-fused: the five-product backward with dQ by
+# atomic adds (attention.FUSED_BACKWARD, off by default because it measured slower).
+PROVIDERS = ("attnpkg", "attnpkg-fused", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient")
 ROUNDS = 2
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -52,19 +53,26 @@ def _sdpa(backend):
     return run
 
 
-def _attnpkg(deterministic):
-    def run(q, k, v, causal):
-        import attnpkg
-        return attnpkg.flash_attention(q, k, v, causal=causal, deterministic=deterministic)
-    return run
+def _attnpkg(q, k, v, causal):
+    import attnpkg
+    return attnpkg.flash_attention(q, k, v, causal=causal)
 
 
 def measure(provider, head_dim, causal, dtype, n, check_against=None, heads=None):
     """Median milliseconds of the forward and of the backward pass, or None if unsupported.
     ``heads``: (batch, query heads, key/value heads) instead of the default shape."""
+    from attnpkg import attention
+    saved, attention.FUSED_BACKWARD = attention.FUSED_BACKWARD, provider == "attnpkg-fused"
+    try:
+        return _measure(provider, head_dim, causal, dtype, n, check_against, heads)
+    finally:
+        attention.FUSED_BACKWARD = saved
+
+
+def _measure(provider, head_dim, causal, dtype, n, check_against, heads):
     from triton.testing import do_bench
     batch, hq, hkv = heads or (*heads_for(head_dim), heads_for(head_dim)[1])
-    fn = _attnpkg(provider == "attnpkg-det") if provider.startswith("attnpkg") else _sdpa(provider)
+    fn = _attnpkg if provider.startswith("attnpkg") else _sdpa(provider)
     q = torch.randn(batch, hq, n, head_dim, device="cuda", dtype=dtype, requires_grad=True)
     k, v = (torch.randn(batch, hkv, n, head_dim, device="cuda", dtype=dtype, requires_grad=True) for _ in range(2))
     try:
@@ -243,14 +251,14 @@ def _case_line(rows, head_dim, causal, dtype_name, n):
 def summary_table(rows):
     """TFLOP/s of attnpkg (both backward modes) and its ratio to each SDPA backend, one line per case and pass."""
     sdpa = [p for p in PROVIDERS if p.startswith("sdpa")]
-    lines = ["", "TFLOP/s of attnpkg, and attnpkg / backend (higher is better; det: deterministic=True)",
+    lines = ["", "TFLOP/s of attnpkg, and attnpkg / backend (higher is better; fused: the five-product backward)",
              f"{'case':<30} {'pass':<12} {'TFLOP/s':>8} " + " ".join(f"{'/' + p[5:]:>10}" for p in sdpa)]
     seen = []
     for r in rows:
         key = (r["head_dim"], r["causal"], r["dtype"], r["n"], r["mode"], r["provider"])
         if key in seen or not r["provider"].startswith("attnpkg") or not r["tflops"]:
             continue
-        if r["provider"] == "attnpkg-det" and r["mode"] == "forward":    # the same forward pass
+        if r["provider"] == "attnpkg-fused" and r["mode"] == "forward":    # the same forward pass
             continue
         seen.append(key)
         case = dict(head_dim=r["head_dim"], causal=r["causal"], dtype=r["dtype"], n=r["n"])
@@ -259,7 +267,7 @@ def summary_table(rows):
             other = _lookup(rows, p, r["mode"], **case)
             ratios.append(f"{r['tflops'] / other:10.2f}" if other else f"{'-':>10}")
         name = f"D{r['head_dim']} {'causal' if r['causal'] else 'full'} {r['dtype']} N={r['n']}"
-        mode = r["mode"] + (" det" if r["provider"] == "attnpkg-det" else "")
+        mode = r["mode"] + (" fused" if r["provider"] == "attnpkg-fused" else "")
         lines.append(f"{name:<30} {mode:<12} {r['tflops']:8.1f} " + " ".join(ratios))
     return "\n".join(lines)
 

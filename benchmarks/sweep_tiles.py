@@ -42,6 +42,7 @@ def time_kernel(kernel, tiles, head_dim, causal, dtype, n):
             ms = do_bench(lambda: attention.forward_impl(q, k, v, causal, scale), warmup=25, rep=100, return_mode="median")
             return attention_flops(batch, heads, n, head_dim, causal, "forward") / ms / 1e9
         deterministic = kernel != "fused"        # dkdv and dq: the deterministic two-kernel pass
+        attention.FUSED_BACKWARD = kernel == "fused"
         ms = do_bench(lambda: attention.backward_impl(do, q, k, v, o, lse, None, causal, scale, deterministic),
                       warmup=25, rep=100, return_mode="median")
         return attention_flops(batch, heads, n, head_dim, causal, "backward") / ms / 1e9
@@ -49,6 +50,7 @@ def time_kernel(kernel, tiles, head_dim, causal, dtype, n):
         return f"{type(error).__name__}"
     finally:
         attention.tiles_for = table
+        attention.FUSED_BACKWARD = False
 
 
 def main():

@@ -39,8 +39,15 @@ SMALL_CASES = [
 ]
 
 
-# The two backward passes: five products with dQ by atomic adds, and the deterministic seven.
+# The two backward passes: five products with dQ by atomic adds (switched on here: by default
+# attnpkg runs the other, which measured faster), and the deterministic seven.
 MODES = {"fused": False, "deterministic": True}
+
+
+@pytest.fixture(autouse=True)
+def _fused_backward_on(monkeypatch):
+    from attnpkg import attention
+    monkeypatch.setattr(attention, "FUSED_BACKWARD", True)
 
 
 @pytest.mark.parametrize("mode", list(MODES))
