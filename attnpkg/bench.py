@@ -13,6 +13,7 @@ a CSV and plots. Without a CUDA GPU it says so and exits.
     python -m attnpkg.bench --case 128,causal,bf16,8192
     python -m attnpkg.bench --memory        # also peak memory of forward + backward against N
     python -m attnpkg.bench --gqa           # also grouped- and multi-query cases
+    python -m attnpkg.bench --host          # also eager against CUDA-graph time: what the host costs
 """
 import argparse
 import csv
@@ -194,6 +195,52 @@ def run(cases, out_dir, plot=True):
     return rows
 
 
+def host_and_gpu_time(provider, head_dim, causal, dtype, n):
+    """Milliseconds of the forward and of the backward pass measured two ways: eagerly (host and GPU,
+    as a training loop runs them) and replayed from a CUDA graph (GPU only: no Python, no launch cost).
+    Their difference is what the host adds where it cannot keep ahead of the GPU."""
+    from triton.testing import do_bench, do_bench_cudagraph
+    from attnpkg import attention
+    saved, attention.FUSED_BACKWARD = attention.FUSED_BACKWARD, provider == "attnpkg-fused"
+    try:
+        batch, heads = heads_for(head_dim)
+        fn = _attnpkg if provider.startswith("attnpkg") else _sdpa(provider)
+        q, k, v = (torch.randn(batch, heads, n, head_dim, device="cuda", dtype=dtype, requires_grad=True)
+                   for _ in range(3))
+        o = fn(q, k, v, causal)
+        do = torch.randn_like(o)
+        forward = lambda: fn(q, k, v, causal)
+        backward = lambda: torch.autograd.grad(o, (q, k, v), do, retain_graph=True)
+        times = {}
+        for mode, step in (("forward", forward), ("backward", backward)):
+            times[mode, "eager"] = do_bench(step, warmup=25, rep=100, return_mode="median")
+            try:
+                times[mode, "graph"] = do_bench_cudagraph(step, rep=100, return_mode="median")
+            except Exception as error:         # a backend that cannot be captured: say so, go on
+                print(f"  {provider} {mode}: no CUDA-graph timing ({type(error).__name__}: {error})")
+                times[mode, "graph"] = None
+        return times
+    finally:
+        attention.FUSED_BACKWARD = saved
+
+
+def run_host(cases, providers=("attnpkg", "sdpa-cudnn")):
+    """Eager and CUDA-graph times side by side: where the eager time is larger, the host is the limit."""
+    print("\nhost and GPU time (ms): eager | CUDA graph (GPU alone) | eager - graph")
+    rows = []
+    for head_dim, causal, dtype_name, n in cases:
+        for provider in providers:
+            times = host_and_gpu_time(provider, head_dim, causal, DTYPES[dtype_name], n)
+            for mode in ("forward", "backward"):
+                eager, graph = times[mode, "eager"], times[mode, "graph"]
+                rows.append(dict(head_dim=head_dim, causal=causal, dtype=dtype_name, n=n, provider=provider,
+                                 mode=mode, eager_ms=eager, graph_ms=graph))
+                gap = f"{eager - graph:7.3f}" if graph else "      -"
+                print(f"D{head_dim} {'causal' if causal else 'full  '} {dtype_name} N={n:<5} {provider:<14} {mode:<8} "
+                      f"{eager:7.3f} | {graph if graph else float('nan'):7.3f} | {gap}", flush=True)
+    return rows
+
+
 GQA_CASES = [(1, 32, hkv, 4096, 128) for hkv in (32, 8, 1)]   # (B, Hq, Hkv, N, D): full width to multi-query
 
 
@@ -308,6 +355,8 @@ def main(argv=None):
     parser.add_argument("--case", type=parse_case, action="append", help="one case: D,causal|full,bf16|fp16,N (repeatable)")
     parser.add_argument("--out", default="bench-results", help="folder for the CSV and the plots")
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--host", action="store_true",
+                        help="also eager against CUDA-graph times (host cost) for attnpkg and cuDNN at the chosen cases")
     parser.add_argument("--gqa", action="store_true", help="also grouped- and multi-query cases (B=1, Hq=32, N=4k, D=128)")
     parser.add_argument("--memory", action="store_true",
                         help="also measure peak memory of forward + backward, flash against materialised, N = 1k..16k")
@@ -323,6 +372,8 @@ def main(argv=None):
         dtypes = ("bf16",) if args.quick else ("bf16", "fp16")
         cases = [(d, c, t, n) for t in dtypes for d in (64, 128) for c in (False, True) for n in lengths]
     run(cases, args.out, plot=not args.no_plot)
+    if args.host:
+        run_host(cases)
     if args.gqa:
         run_gqa(args.out)
     if args.memory:
