@@ -30,7 +30,6 @@ Writes ``ring_attention.csv`` and ``ring_attention.log`` (machine, versions and 
 import argparse
 import csv
 import datetime
-import os
 import platform
 import statistics
 import sys
@@ -215,7 +214,7 @@ def rank_main(n, warmup, reps, with_torch_cp):
                 for name, t in (("o", o), ("dq", q.grad), ("dk", k.grad), ("dv", v.grad))}
     if rank != 0:
         gathered = None
-    del o, kv, dkv
+    o = kv = dkv = None
     q.grad = k.grad = v.grad = None
     empty_cache()
 
@@ -233,7 +232,7 @@ def rank_main(n, warmup, reps, with_torch_cp):
             empty_cache()
 
     # --- one GPU, the whole sequence ------------------------------------------------------------------------------
-    del q, k, v, do
+    q = k = v = do = None                      # free the shards (the closures above hold these names)
     empty_cache()
     dist.barrier()
     if rank == 0:

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 import attnpkg
-from accuracy import assert_flash_accuracy, attention_and_grads, max_error
+from accuracy import attention_and_grads, max_error
 from attnpkg import distributed as D
 from attnpkg import reference as ref
 from attnpkg.attention import backward_impl
