@@ -25,6 +25,7 @@ the process group's own CUDA stream (which waits for the current stream when the
 """
 import io
 import math
+import os
 import socket
 import time
 from typing import NamedTuple, Optional
@@ -480,7 +481,8 @@ def spawn(fn, world_size: int, *args, backend: str = "gloo", **kwargs) -> list:
     results, in rank order (tensors come back on the CPU).
 
     ``fn`` must be importable by the new processes (defined at the top level of a module, not in a notebook
-    or an interactive session), as ``torch.multiprocessing`` starts them with the "spawn" method.
+    or an interactive session), as ``torch.multiprocessing`` starts them with the "spawn" method. Gloo
+    processes get ``TRITON_INTERPRET=1``, so that they run the kernels on CPU tensors even where a GPU exists.
     """
     import torch.multiprocessing as mp
 
@@ -490,8 +492,17 @@ def spawn(fn, world_size: int, *args, backend: str = "gloo", **kwargs) -> list:
     context = mp.get_context("spawn")
     queue = context.SimpleQueue()
     port = _free_port()
-    procs = mp.start_processes(_spawned, args=(world_size, port, backend, fn, args, kwargs, queue),
-                               nprocs=world_size, join=False, start_method="spawn")
+    saved = os.environ.get("TRITON_INTERPRET")
+    if backend == "gloo":               # CPU tensors: the new processes run the kernels through the interpreter
+        os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        procs = mp.start_processes(_spawned, args=(world_size, port, backend, fn, args, kwargs, queue),
+                                   nprocs=world_size, join=False, start_method="spawn")
+    finally:
+        if saved is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
     results = {}
 
     def drain():
