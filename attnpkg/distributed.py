@@ -229,7 +229,7 @@ def _merge_into(out, lse, o_part, lse_part):
     lse' = logaddexp(lse, lse_part), out' = e^(lse - lse') out + e^(lse_part - lse') o_part."""
     new = torch.logaddexp(lse, lse_part)
     new_safe = torch.where(torch.isneginf(new), 0.0, new)     # both parts empty: keep (0, -inf)
-    out.mul_(torch.exp(lse - new_safe).unsqueeze(-1)).add_(torch.exp(lse_part - new_safe).unsqueeze(-1) * o_part)
+    out.mul_(torch.exp(lse - new_safe).unsqueeze(-1)).addcmul_(o_part, torch.exp(lse_part - new_safe).unsqueeze(-1))
     lse.copy_(new)
 
 
@@ -455,14 +455,10 @@ def _spawned(rank, world_size, port, backend, fn, args, kwargs, queue):
         device_id = torch.device("cuda", torch.cuda.current_device())
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
                             device_id=device_id)
-    try:
-        result = fn(*args, **kwargs)
-        if isinstance(result, torch.Tensor) or isinstance(result, (dict, list, tuple)):
-            result = _to_cpu(result)
-        queue.put((rank, _serialise(result)))
-    finally:
-        dist.barrier()
-        dist.destroy_process_group()
+    result = fn(*args, **kwargs)     # an exception ends this process at once: spawn then stops the others
+    queue.put((rank, _serialise(_to_cpu(result))))
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def _to_cpu(x):
@@ -475,10 +471,11 @@ def _to_cpu(x):
     return x
 
 
-def spawn(fn, world_size: int, *args, backend: str = "gloo", **kwargs) -> list:
+def spawn(fn, world_size: int, *args, backend: str = "gloo", timeout: Optional[float] = None, **kwargs) -> list:
     """Run ``fn(*args, **kwargs)`` on ``world_size`` new processes that form a process group (``backend``
     "gloo" on CPUs, "nccl" with one GPU per process) over a free port on localhost; return the ranks'
-    results, in rank order (tensors come back on the CPU).
+    results, in rank order (tensors come back on the CPU). If a process raises, the others are stopped and
+    the exception is raised here; after ``timeout`` seconds (if given) all are stopped and ``TimeoutError`` raised.
 
     ``fn`` must be importable by the new processes (defined at the top level of a module, not in a notebook
     or an interactive session), as ``torch.multiprocessing`` starts them with the "spawn" method. Gloo
@@ -510,9 +507,15 @@ def spawn(fn, world_size: int, *args, backend: str = "gloo", **kwargs) -> list:
             rank, payload = queue.get()
             results[rank] = torch.load(io.BytesIO(payload), weights_only=False)
 
+    start = time.monotonic()
     while True:
         drain()
         if procs.join(timeout=0.05):
             break
+        if timeout is not None and time.monotonic() - start > timeout:
+            for p in procs.processes:
+                if p.is_alive():
+                    p.terminate()
+            raise TimeoutError(f"spawn: {fn.__name__} on {world_size} processes did not finish in {timeout} s")
     drain()
     return [results[r] for r in range(world_size)]

@@ -30,9 +30,10 @@ CASES = {
         "causal-zigzag-gqa-dlse": (2, 1, True, "zigzag", True, torch.float16)},
 }
 N_PER_RANK, HEAD_DIM = 32, 16
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")     # where this process checks results
 
 
-def make_inputs(world_size, hq, hkv, with_dlse, dtype, n_per_rank=N_PER_RANK, head_dim=HEAD_DIM, device="cpu"):
+def make_inputs(world_size, hq, hkv, with_dlse, dtype, n_per_rank=N_PER_RANK, head_dim=HEAD_DIM, device=DEV):
     n = world_size * n_per_rank
     randn = lambda *shape: torch.randn(*shape, device=device).to(dtype)
     q, k, v, do = randn(1, hq, n, head_dim), randn(1, hkv, n, head_dim), randn(1, hkv, n, head_dim), randn(1, hq, n, head_dim)
@@ -58,6 +59,9 @@ def grads_with_lse(fn, q, k, v, do, dlse, causal, scale=None):
 
 def check_against_whole_sequence(got, q, k, v, do, dlse, causal, floor=1e-5):
     """The ring's gathered results against float64 (2x rule) and against flash_attention on the whole sequence."""
+    got = {name: t.to(DEV) for name, t in got.items()}
+    q, k, v, do = (t.to(DEV) for t in (q, k, v, do))
+    dlse = None if dlse is None else dlse.to(DEV)
     exact = grads_with_lse(ref.attention, *(t.double() for t in (q, k, v, do)),
                            None if dlse is None else dlse.double(), causal)
     same_precision = grads_with_lse(ref.attention, q, k, v, do, dlse, causal)
@@ -194,10 +198,10 @@ def ring_results(world_size):
     if world_size not in _results:
         cases = {}
         for name, (hq, hkv, causal, layout, with_dlse, dtype) in CASES[world_size].items():
-            q, k, v, do, dlse = make_inputs(world_size, hq, hkv, with_dlse, dtype)
+            q, k, v, do, dlse = make_inputs(world_size, hq, hkv, with_dlse, dtype, device="cpu")   # Gloo: CPU
             _inputs[world_size, name] = (q, k, v, do, dlse, causal)
             cases[name] = (q, k, v, do, dlse, causal, layout)
-        results = D.spawn(run_cases, world_size, cases)
+        results = D.spawn(run_cases, world_size, cases, timeout=900)
         for r in range(1, world_size):      # every rank gathers the same whole results
             for name in cases:
                 for key, value in results[0][name].items():
@@ -248,7 +252,7 @@ def bad_calls():
 
 
 def test_errors_are_raised_on_every_rank():
-    results = D.spawn(bad_calls, 2)
+    results = D.spawn(bad_calls, 2, timeout=600)
     expected = {
         "unequal lengths": ("ValueError", "same shape (equal lengths)"),
         "unequal causal": ("ValueError", "same causal, layout"),
@@ -281,10 +285,12 @@ def _gpus(n):
 
 
 def nccl_case(q, k, v, do, dlse, causal, layout):
+    """In each rank: the inputs to this rank's GPU, the ring, the gathered results (returned by rank 0 only)."""
     device = torch.device("cuda", torch.cuda.current_device())
     q, k, v, do = (t.to(device) for t in (q, k, v, do))
     dlse = None if dlse is None else dlse.to(device)
-    return D.ring_attention_gathered(q, k, v, do, dlse, causal=causal, layout=layout)
+    result = D.ring_attention_gathered(q, k, v, do, dlse, causal=causal, layout=layout)
+    return result if dist.get_rank() == 0 else None
 
 
 @pytest.mark.gpu
@@ -293,10 +299,10 @@ def nccl_case(q, k, v, do, dlse, causal, layout):
                                                (True, "zigzag", 2)])
 def test_nccl_ring_matches_reference(world_size, causal, layout, hkv):
     """bfloat16, D = 128, 1024 tokens per GPU: the accuracy rule against float64 and flash_attention."""
-    q, k, v, do, dlse = make_inputs(world_size, 8, hkv, hkv == 2, torch.bfloat16, n_per_rank=1024, head_dim=128)
-    got = D.spawn(nccl_case, world_size, q, k, v, do, dlse, causal, layout, backend="nccl")[0]
-    inputs = [t.cuda() for t in (q, k, v, do)] + [None if dlse is None else dlse.cuda()]
-    check_against_whole_sequence({n: t.cuda() for n, t in got.items()}, *inputs, causal)
+    q, k, v, do, dlse = make_inputs(world_size, 8, hkv, hkv == 2, torch.bfloat16, n_per_rank=1024, head_dim=128,
+                                    device="cpu")
+    got = D.spawn(nccl_case, world_size, q, k, v, do, dlse, causal, layout, backend="nccl", timeout=900)[0]
+    check_against_whole_sequence(got, q, k, v, do, dlse, causal)
 
 
 @pytest.mark.gpu
@@ -305,8 +311,9 @@ def test_nccl_ring_large(world_size):
     """16k tokens per GPU, H = 16, D = 128, bfloat16, causal zigzag. Too large for a float64 reference: the
     rule with flash_attention in float32 on the whole sequence standing in for the exact result, and
     flash_attention in bfloat16 for the same-precision one."""
-    q, k, v, do, _ = make_inputs(world_size, 16, 16, False, torch.bfloat16, n_per_rank=16384, head_dim=128)
-    got = D.spawn(nccl_case, world_size, q, k, v, do, None, True, "zigzag", backend="nccl")[0]
+    q, k, v, do, _ = make_inputs(world_size, 16, 16, False, torch.bfloat16, n_per_rank=16384, head_dim=128,
+                                 device="cpu")
+    got = D.spawn(nccl_case, world_size, q, k, v, do, None, True, "zigzag", backend="nccl", timeout=900)[0]
     q, k, v, do = (t.cuda() for t in (q, k, v, do))
     exact = attention_and_grads(*(t.float() for t in (q, k, v, do)), True, fn=attnpkg.flash_attention)
     same = attention_and_grads(q, k, v, do, True, fn=attnpkg.flash_attention)
@@ -326,5 +333,5 @@ def cpu_tensors_on_nccl():
 @pytest.mark.gpu
 @_gpus(2)
 def test_nccl_refuses_cpu_tensors():
-    messages = D.spawn(cpu_tensors_on_nccl, 2, backend="nccl")
+    messages = D.spawn(cpu_tensors_on_nccl, 2, backend="nccl", timeout=600)
     assert all(m and "nccl backend of the process group cannot send tensors on cpu" in m for m in messages)
