@@ -122,8 +122,10 @@ def empty_cache():
         torch.cuda.empty_cache()
 
 
-def rank_main(n, warmup, reps, with_torch_cp):
+def rank_main(n, warmup, reps, with_torch_cp, shape=(B, H, HEAD_DIM)):
     """One rank of a run on P GPUs with n tokens each; rank 0 returns the rows (others return None)."""
+    global B, H, HEAD_DIM
+    B, H, HEAD_DIM = shape                  # this process's copy of the module: the shape of this run
     P, rank = dist.get_world_size(), dist.get_rank()
     where = device()
     n_total, scale = P * n, HEAD_DIM ** -0.5
@@ -304,7 +306,7 @@ def main():
     parser.add_argument("--quick", action="store_true", help="2 GPUs, 8k tokens per GPU, 3 repeats")
     parser.add_argument("--cpu-smoke", action="store_true",
                         help="check this script's plumbing on 2 CPU processes (Gloo, Triton's interpreter), 64 tokens "
-                             "each; the numbers mean nothing")
+                             "each, H=2, D=16; the numbers mean nothing")
     parser.add_argument("--out", default=None, help="folder for the CSV and the log (default benchmarks/<gpu>x<count>)")
     args = parser.parse_args()
     backend, count = "nccl", torch.cuda.device_count()
@@ -316,22 +318,23 @@ def main():
     tokens, reps, warmup = args.tokens, args.reps, args.warmup
     if args.quick:
         gpus, tokens, reps, warmup = [2], [8192], 3, 1
+    shape = (B, H, HEAD_DIM)
     if args.cpu_smoke:
-        gpus, tokens, reps, warmup = [2], [64], 2, 1
+        gpus, tokens, reps, warmup, shape = [2], [64], 2, 1, (1, 2, 16)
     env = environment()
     slug = env["gpu"].replace("NVIDIA ", "").split()[0].lower()
     out = Path(args.out or Path(__file__).parent / (f"{slug}x{count}" if not args.cpu_smoke else "cpu-smoke"))
     out.mkdir(parents=True, exist_ok=True)
     header = (f"{env['gpu']} x {count} | torch {env['torch']} | triton {env['triton']} | CUDA {env['cuda']} | "
               f"NCCL {env['nccl']} | Python {env['python']} | {env['date']}")
-    lines = [header, f"B={B} H={H} D={HEAD_DIM} bf16 causal zigzag; warmup {warmup}, {reps} repeats (medians)"]
+    lines = [header, f"B={shape[0]} H={shape[1]} D={shape[2]} bf16 causal zigzag; warmup {warmup}, {reps} repeats (medians)"]
     print("\n".join(lines), flush=True)
     rows = []
     for P in gpus:
         if P > count:
             sys.exit(f"--gpus {P}: this machine has {count} GPUs")
         for n in tokens:
-            rows += D.spawn(rank_main, P, n, warmup, reps, not args.no_torch_cp, backend=backend)[0]
+            rows += D.spawn(rank_main, P, n, warmup, reps, not args.no_torch_cp, shape, backend=backend)[0]
     lines.append("")
     lines.append(f"{'provider':28s} {'P':>2} {'n/GPU':>7} {'N':>8} | {'fwd ms':>8} {'total ms':>9} | "
                  f"{'TFLOP/s/GPU':>11} {'eff.':>6} | {'wait f+b ms':>12} {'comm f+b ms':>12} {'GB/s':>6} | {'peak GiB':>8}")
