@@ -116,8 +116,9 @@ class Block(NamedTuple):
 
 
 def schedule(rank: int, source: int, world_size: int, n_local: int, *, causal: bool,
-             layout: str = "contiguous") -> list[Block]:
-    """The blocks that ``rank`` computes when it holds the key/value shard of rank ``source``.
+             layout: str = "contiguous", n_queries: Optional[int] = None) -> list[Block]:
+    """The blocks that ``rank`` computes when it holds the key/value shard of rank ``source``: ``n_local`` keys
+    (and as many queries, or ``n_queries`` of them without a causal mask).
 
     Shards have equal lengths, so a pair of chunks (queries of chunk ``a``, keys of chunk ``b``) is fully
     visible (``b < a``), the causal diagonal (``b == a``) or empty (``b > a``), and empty pairs are skipped.
@@ -132,7 +133,9 @@ def schedule(rank: int, source: int, world_size: int, n_local: int, *, causal: b
     _check_layout(layout, "schedule")
     everything = slice(0, n_local)
     if not causal:
-        return [Block(everything, everything, False)]
+        return [Block(slice(0, n_local if n_queries is None else n_queries), everything, False)]
+    if n_queries is not None and n_queries != n_local:
+        raise ValueError(f"schedule: a causal ring needs as many queries as keys per rank, got {n_queries} and {n_local}")
     if source == rank:
         return [Block(everything, everything, True)]
     if layout == "contiguous":
@@ -251,7 +254,8 @@ def _ring_forward(q, k, v, ring, causal, scale, layout):
     for step in range(ring.world_size):
         source = (ring.rank - step) % ring.world_size
         pending = ring.exchange(kv) if step + 1 < ring.world_size else None    # next shard, in flight
-        for b in schedule(ring.rank, source, ring.world_size, n_local, causal=causal, layout=layout):
+        for b in schedule(ring.rank, source, ring.world_size, n_local, causal=causal, layout=layout,
+                          n_queries=q.shape[2]):
             k_b, v_b = _keys(kv, b.cols, n_local)
             o_b, lse_b = flash_attention(q[:, :, b.rows], k_b, v_b, causal=b.causal, scale=scale, return_lse=True)
             _merge_into(out[:, :, b.rows], lse[:, :, b.rows], o_b, lse_b)
@@ -276,7 +280,8 @@ def _ring_backward(do, dlse, q, k, v, o, lse, ring, causal, scale, layout):
         source = (ring.rank - step) % ring.world_size
         kv_pending = ring.exchange(kv) if step + 1 < ring.world_size else None
         dkv = torch.zeros(kv.shape, dtype=torch.float32, device=kv.device)   # this step's part of (dk, dv)
-        for b in schedule(ring.rank, source, ring.world_size, n_local, causal=causal, layout=layout):
+        for b in schedule(ring.rank, source, ring.world_size, n_local, causal=causal, layout=layout,
+                          n_queries=q.shape[2]):
             k_b, v_b = kv[0][:, :, b.cols], kv[1][:, :, b.cols]
             rows = b.rows
             dq_b, dk_b, dv_b = _pair_backward(

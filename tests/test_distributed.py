@@ -19,6 +19,7 @@ from attnpkg.attention import backward_impl
 # name: (Hq, Hkv, causal, layout, with dlse, dtype)
 CASES = {
     2: {"full": (2, 2, False, "contiguous", False, torch.float16),
+        "full-more-queries": (2, 2, False, "contiguous", False, torch.float16),       # 48 queries, 32 keys a rank
         "full-gqa-zigzag-dlse": (2, 1, False, "zigzag", True, torch.float16),
         "causal-contiguous": (2, 2, True, "contiguous", False, torch.float16),
         "causal-zigzag": (2, 2, True, "zigzag", False, torch.float16),
@@ -33,11 +34,13 @@ N_PER_RANK, HEAD_DIM = 32, 16
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")     # where this process checks results
 
 
-def make_inputs(world_size, hq, hkv, with_dlse, dtype, n_per_rank=N_PER_RANK, head_dim=HEAD_DIM, device=DEV):
+def make_inputs(world_size, hq, hkv, with_dlse, dtype, n_per_rank=N_PER_RANK, head_dim=HEAD_DIM, device=DEV,
+                queries_per_rank=None):
     n = world_size * n_per_rank
+    nq = n if queries_per_rank is None else world_size * queries_per_rank
     randn = lambda *shape: torch.randn(*shape, device=device).to(dtype)
-    q, k, v, do = randn(1, hq, n, head_dim), randn(1, hkv, n, head_dim), randn(1, hkv, n, head_dim), randn(1, hq, n, head_dim)
-    dlse = torch.randn(1, hq, n, device=device) if with_dlse else None
+    q, k, v, do = randn(1, hq, nq, head_dim), randn(1, hkv, n, head_dim), randn(1, hkv, n, head_dim), randn(1, hq, nq, head_dim)
+    dlse = torch.randn(1, hq, nq, device=device) if with_dlse else None
     return q, k, v, do, dlse
 
 
@@ -198,7 +201,8 @@ def ring_results(world_size):
     if world_size not in _results:
         cases = {}
         for name, (hq, hkv, causal, layout, with_dlse, dtype) in CASES[world_size].items():
-            q, k, v, do, dlse = make_inputs(world_size, hq, hkv, with_dlse, dtype, device="cpu")   # Gloo: CPU
+            q, k, v, do, dlse = make_inputs(world_size, hq, hkv, with_dlse, dtype, device="cpu",   # Gloo: CPU
+                                            queries_per_rank=48 if "more-queries" in name else None)
             _inputs[world_size, name] = (q, k, v, do, dlse, causal)
             cases[name] = (q, k, v, do, dlse, causal, layout)
         results = D.spawn(run_cases, world_size, cases, timeout=900)
