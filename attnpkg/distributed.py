@@ -23,6 +23,7 @@ computation on the current shard, waited on only when the next shard is needed. 
 the process group's own CUDA stream (which waits for the current stream when they are issued), and
 ``wait()`` makes the current stream wait for them: the kernels queued in between run concurrently.
 """
+import inspect
 import io
 import math
 import os
@@ -264,14 +265,20 @@ def _ring_forward(q, k, v, ring, causal, scale, layout):
     return out.to(q.dtype), lse
 
 
-def _pair_backward(do, q, k, v, o, lse, dlse, causal, scale):
+# Whether the kernels' backward pass offers a faster, non-deterministic variant (a `deterministic` argument).
+_BACKWARD_HAS_VARIANTS = "deterministic" in inspect.signature(_attention.backward_impl).parameters
+
+
+def _pair_backward(do, q, k, v, o, lse, dlse, causal, scale, deterministic):
     """Gradients (dq, dk, dv) of one block, given the FINAL o and lse of its query rows: with P = exp(S - lse)
     and D = rowsum(dO o) - dlse global, they are exactly this block's part of the whole gradient.
     The one call of the kernels' backward pass."""
+    if _BACKWARD_HAS_VARIANTS:
+        return _attention.backward_impl(do, q, k, v, o, lse, dlse, causal, scale, deterministic=deterministic)
     return _attention.backward_impl(do, q, k, v, o, lse, dlse, causal, scale)
 
 
-def _ring_backward(do, dlse, q, k, v, o, lse, ring, causal, scale, layout):
+def _ring_backward(do, dlse, q, k, v, o, lse, ring, causal, scale, layout, deterministic=True):
     n_local = k.shape[2]
     kv = torch.stack([k, v])
     dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
@@ -286,7 +293,7 @@ def _ring_backward(do, dlse, q, k, v, o, lse, ring, causal, scale, layout):
             rows = b.rows
             dq_b, dk_b, dv_b = _pair_backward(
                 do[:, :, rows], q[:, :, rows], k_b, v_b, o[:, :, rows], lse[:, :, rows].contiguous(),
-                None if dlse is None else dlse[:, :, rows].contiguous(), b.causal, scale)
+                None if dlse is None else dlse[:, :, rows].contiguous(), b.causal, scale, deterministic)
             dq[:, :, rows] += dq_b
             dkv[0][:, :, b.cols] += dk_b
             dkv[1][:, :, b.cols] += dv_b
@@ -301,19 +308,20 @@ def _ring_backward(do, dlse, q, k, v, o, lse, ring, causal, scale, layout):
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, ring, causal, scale, layout):
+    def forward(ctx, q, k, v, ring, causal, scale, layout, deterministic=True):
         o, lse = _ring_forward(q, k, v, ring, causal, scale, layout)
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.ring, ctx.causal, ctx.scale, ctx.layout = ring, causal, scale, layout
+        ctx.ring, ctx.causal, ctx.scale, ctx.layout, ctx.deterministic = ring, causal, scale, layout, deterministic
         return o, lse
 
     @staticmethod
     def backward(ctx, do, dlse):
         q, k, v, o, lse = ctx.saved_tensors
         do = torch.zeros_like(o) if do is None else do
-        dq, dk, dv = _ring_backward(do, dlse, q, k, v, o, lse, ctx.ring, ctx.causal, ctx.scale, ctx.layout)
-        return dq, dk, dv, None, None, None, None
+        dq, dk, dv = _ring_backward(do, dlse, q, k, v, o, lse, ctx.ring, ctx.causal, ctx.scale, ctx.layout,
+                                    ctx.deterministic)
+        return dq, dk, dv, None, None, None, None, None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -385,7 +393,8 @@ def _validate(q, k, v, group, causal, scale, layout):
                              f"rank {rank} and rank {r} differ")
 
 
-def ring_attention(q, k, v, *, group=None, causal=False, scale=None, return_lse=False, layout="contiguous"):
+def ring_attention(q, k, v, *, group=None, causal=False, scale=None, return_lse=False, layout="contiguous",
+                   deterministic=None):
     """Exact softmax attention over a sequence spread across the ranks of a process group.
 
     Every rank of ``group`` calls it with its own shards; the result is this rank's shard of the attention over
@@ -403,15 +412,22 @@ def ring_attention(q, k, v, *, group=None, causal=False, scale=None, return_lse=
         return_lse: also return this rank's rows of the log-sum-exp (natural log, float32, ``(B, Hq, n)``).
         layout: ``"contiguous"`` or ``"zigzag"``: which tokens each rank holds (see :func:`shard`). It matters only
             with ``causal=True``, where zigzag balances the work.
+        deterministic: whether the backward pass must give bit-identical gradients on every run; ``None`` follows
+            ``torch.are_deterministic_algorithms_enabled()``. The ring adds its terms in a fixed order; this picks
+            the variant of the kernels' backward pass where they offer a faster, non-deterministic one.
 
     Every rank must hold shards of the same shapes and pass the same options; this is checked (one small
     all-gather per call) and every rank raises a ``ValueError`` or ``TypeError`` if not.
     """
     _validate(q, k, v, group, causal, scale, layout)
+    if deterministic is not None and not isinstance(deterministic, bool):
+        raise TypeError(f"ring_attention: deterministic must be None, True or False, got {deterministic!r}")
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     ring = _Ring(group)
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        o, lse = _RingAttention.apply(q, k, v, ring, bool(causal), scale, layout)
+        o, lse = _RingAttention.apply(q, k, v, ring, bool(causal), scale, layout, deterministic)
     else:
         o, lse = _ring_forward(q, k, v, ring, bool(causal), scale, layout)
     return (o, lse) if return_lse else o

@@ -44,11 +44,12 @@ from attnpkg import distributed as D
 from attnpkg.bench import attention_flops
 
 B, H, HEAD_DIM, DTYPE = 1, 16, 128, torch.bfloat16
+DETERMINISTIC = torch.are_deterministic_algorithms_enabled()    # what ring_attention and flash_attention default to
 FIELDS = ["provider", "world_size", "tokens_per_gpu", "seq_len", "batch", "heads", "head_dim", "dtype", "causal",
           "layout", "forward_ms", "total_ms", "backward_ms", "tflops_per_gpu", "efficiency", "wait_forward_ms",
           "wait_backward_ms", "comm_forward_ms", "comm_backward_ms", "comm_gb_per_s", "peak_bytes_per_gpu",
           "max_diff_o", "max_diff_dq", "max_diff_dk", "max_diff_dv", "note",
-          "gpu", "gpus_on_machine", "torch", "triton", "cuda", "nccl", "python", "date"]
+          "gpu", "gpus_on_machine", "torch", "triton", "cuda", "nccl", "python", "date", "backward_kernels"]
 
 
 def environment():
@@ -57,7 +58,8 @@ def environment():
     nccl = ".".join(map(str, torch.cuda.nccl.version())) if gpu else ""
     return {"gpu": torch.cuda.get_device_name(0) if gpu else "CPU", "gpus_on_machine": torch.cuda.device_count(),
             "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda, "nccl": nccl,
-            "python": platform.python_version(), "date": datetime.date.today().isoformat()}
+            "python": platform.python_version(), "date": datetime.date.today().isoformat(),
+            "backward_kernels": "deterministic" if DETERMINISTIC or not D._BACKWARD_HAS_VARIANTS else "non-deterministic"}
 
 
 def flops(n_total, mode):
@@ -144,7 +146,7 @@ def rank_main(n, warmup, reps, with_torch_cp, shape=(B, H, HEAD_DIM)):
         if ring is None:
             o = D.ring_attention(q, k, v, causal=True, layout="zigzag")
         else:
-            o = D._RingAttention.apply(q, k, v, ring, True, scale, "zigzag")[0]
+            o = D._RingAttention.apply(q, k, v, ring, True, scale, "zigzag", DETERMINISTIC)[0]
         o.backward(do)
         q.grad = k.grad = v.grad = None
 
@@ -160,7 +162,7 @@ def rank_main(n, warmup, reps, with_torch_cp, shape=(B, H, HEAD_DIM)):
     waits_f, waits_b = [], []
     for _ in range(reps):
         ring.wait_seconds = []
-        o = D._RingAttention.apply(q, k, v, ring, True, scale, "zigzag")[0]
+        o = D._RingAttention.apply(q, k, v, ring, True, scale, "zigzag", DETERMINISTIC)[0]
         n_fwd = len(ring.wait_seconds)
         o.backward(do)
         q.grad = k.grad = v.grad = None
@@ -173,7 +175,7 @@ def rank_main(n, warmup, reps, with_torch_cp, shape=(B, H, HEAD_DIM)):
 
     # --- the same work without communication ---------------------------------------------------------------------
     local = D._Local(P, rank)
-    t_local_fwd = timed(lambda: D._RingAttention.apply(q, k, v, local, True, scale, "zigzag"), warmup, reps)
+    t_local_fwd = timed(lambda: D._RingAttention.apply(q, k, v, local, True, scale, "zigzag", DETERMINISTIC), warmup, reps)
     t_local = timed(lambda: ring_step(local), warmup, reps)
 
     # --- the communication alone ---------------------------------------------------------------------------------
@@ -326,7 +328,7 @@ def main():
     out = Path(args.out or Path(__file__).parent / (f"{slug}x{count}" if not args.cpu_smoke else "cpu-smoke"))
     out.mkdir(parents=True, exist_ok=True)
     header = (f"{env['gpu']} x {count} | torch {env['torch']} | triton {env['triton']} | CUDA {env['cuda']} | "
-              f"NCCL {env['nccl']} | Python {env['python']} | {env['date']}")
+              f"NCCL {env['nccl']} | Python {env['python']} | {env['date']} | {env['backward_kernels']} backward kernels")
     lines = [header, f"B={shape[0]} H={shape[1]} D={shape[2]} bf16 causal zigzag; warmup {warmup}, {reps} repeats (medians)"]
     print("\n".join(lines), flush=True)
     rows = []

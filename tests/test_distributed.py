@@ -245,6 +245,7 @@ def bad_calls():
     attempt("causal, q and k of different lengths", lambda: D.ring_attention(q, q[:, :, :4], q[:, :, :4], causal=True))
     attempt("meta tensors with gloo", lambda: D.ring_attention(*(torch.empty(1, 2, 8, 16, device="meta"),) * 3))
     attempt("bad layout", lambda: D.ring_attention(q, q, q, layout="striped"))
+    attempt("bad deterministic", lambda: D.ring_attention(q, q, q, deterministic="yes"))
     singles = [dist.new_group([r]) for r in range(dist.get_world_size())]
     attempt("group of one", lambda: D.ring_attention(q, q, q, group=singles[rank]))
     # the ring still works after the failed calls (nobody is left waiting), and without autograd
@@ -265,6 +266,7 @@ def test_errors_are_raised_on_every_rank():
         "causal, q and k of different lengths": ("ValueError", "as many queries as keys"),
         "meta tensors with gloo": ("ValueError", "gloo backend of the process group cannot send tensors on meta"),
         "bad layout": ("ValueError", "layout must be one of"),
+        "bad deterministic": ("TypeError", "deterministic must be None, True or False"),
         "group of one": ("ValueError", "call attnpkg.flash_attention"),
     }
     for rank, outcome in enumerate(results):
