@@ -9,12 +9,13 @@ gradients of the keys and values travel with their shard and come home complete 
     import torch.distributed as dist
     from attnpkg.distributed import ring_attention, shard, unshard
 
+    dist.init_process_group("nccl")      # one process per GPU (torchrun), each after torch.cuda.set_device(...)
     q, k, v = (shard(t, layout="zigzag") for t in (q_full, k_full, v_full))   # this rank's part
     o = ring_attention(q, k, v, causal=True, layout="zigzag")                # this rank's part of the output
     o_full = unshard(o, layout="zigzag")                                     # the whole output, on every rank
 
 Layouts. ``"contiguous"``: rank ``r`` holds tokens ``[r N/P, (r + 1) N/P)``. With a causal mask the last rank
-then has ``P`` times the work of the first. ``"zigzag"``: the sequence is cut into ``2P`` chunks and rank ``r``
+then has about ``2P - 1`` times the work of the first. ``"zigzag"``: the sequence is cut into ``2P`` chunks and rank ``r``
 holds chunks ``r`` and ``2P - 1 - r``, one early and one late, so every rank has the same causal work.
 ``schedule`` says which blocks each rank computes at each step of the ring.
 
