@@ -24,5 +24,6 @@ from . import grads, notebook, reference  # noqa: E402
 from .attention import flash_attention  # noqa: E402
 from .fused_softmax import softmax  # noqa: E402
 from .modules import MultiHeadAttention  # noqa: E402
+from . import distributed  # noqa: E402  (context-parallel ring attention)
 
 __all__ = ["__version__", "MultiHeadAttention", "flash_attention", "grads", "notebook", "reference", "softmax"]
