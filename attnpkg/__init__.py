@@ -20,9 +20,10 @@ __version__ = "0.1.0"
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from . import grads, notebook, reference  # noqa: E402
+from . import check, exercises, grads, notebook, reference  # noqa: E402
 from .attention import flash_attention  # noqa: E402
 from .fused_softmax import softmax  # noqa: E402
 from .modules import MultiHeadAttention  # noqa: E402
 
-__all__ = ["__version__", "MultiHeadAttention", "flash_attention", "grads", "notebook", "reference", "softmax"]
+__all__ = ["__version__", "MultiHeadAttention", "check", "exercises", "flash_attention", "grads", "notebook", "reference",
+           "softmax"]
