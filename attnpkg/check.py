@@ -224,7 +224,7 @@ def reference_pass(q, k, v, do=None, dlse=None, *, causal=False, scale=None, ali
     h % Hkv), ``lse_base2`` (lse in base 2, and its gradient), ``ds_transposed`` (dQ = scale dS^T K and
     dK = scale dS Q, Nq == Nk only)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    n_heads, n_kv_heads = q.shape[-3], k.shape[-3]
+    n_heads, n_kv_heads = (q.shape[-3], k.shape[-3]) if q.dim() >= 3 else (1, 1)
     group = n_heads // n_kv_heads
     if group > 1:
         expand = ((lambda x: x.repeat_interleave(group, dim=-3)) if kv_heads == "interleave"
