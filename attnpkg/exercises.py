@@ -14,8 +14,11 @@ the report raises unless every case passed (the book's solution cells use it).
 The Triton exercises take a ``@triton.jit`` function, which a small kernel here calls in its loop; on
 a machine without a GPU it runs through Triton's interpreter.
 """
+import contextlib
 import math
+import warnings
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -60,7 +63,7 @@ def _grade(title, fn, cases, names, *, atol=1e-9):
         try:
             got = _as_tuple(_call(fn, args), len(names))
         except _NotAttempted:
-            return Report(title, [Finding(title, "", "todo", f"not attempted yet: fill in {name_of} above (it still "
+            return Report(f"Your turn: {title}", [Finding(title, "", "todo", f"not attempted yet: fill in {name_of} above (it still "
                                           "raises NotImplementedError), run its cell, then this one again")])
         except Exception as e:  # noqa: BLE001 - the reader's code: report, don't crash the page
             findings.append(Finding(title, label, "FAIL", f"{name_of} raised {type(e).__name__}: {e}", diagnosis="raised"))
@@ -306,6 +309,14 @@ def _dq_harness(Q, K, V, DO, LSE2, DELTA, DQ, n_k, qk_scale, scale, BODY: tl.con
     tl.store(DQ + offs_m[:, None] * D + offs_d[None, :], dq * scale)
 
 
+@contextlib.contextmanager
+def _quiet():
+    """Triton's interpreter computes with NumPy, which warns about the 0/0 of an unfinished exercise."""
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)
+        yield
+
+
 def _device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -333,8 +344,9 @@ def forward_tile(body):
     q32, k32, v32 = (t.float().to(dev) for t in (q, k, v))
     o, lse = torch.empty_like(q32), torch.empty(n_q, device=dev)
     try:
-        _forward_harness[(n_q // bm,)](q32, k32, v32, o, lse, n_k, scale * LOG2E, body,
-                                                   BLOCK_M=bm, BLOCK_N=bn, D=d)
+        with _quiet():
+            _forward_harness[(n_q // bm,)](q32, k32, v32, o, lse, n_k, scale * LOG2E, body,
+                                           BLOCK_M=bm, BLOCK_N=bn, D=d)
     except Exception as e:  # noqa: BLE001
         return Report(f"Your turn: {title}", [Finding(title, "", "FAIL", f"the kernel failed: {type(e).__name__}: "
                                                       f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}")])
@@ -404,7 +416,8 @@ def dq_tile(body):
     t32 = [t.float().contiguous().to(dev) for t in (q, k, v, do, ref["lse"] * LOG2E, delta_)]
     dq = torch.empty(n_q, d, device=dev)
     try:
-        _dq_harness[(n_q // bm,)](*t32, dq, n_k, scale * LOG2E, scale, body, BLOCK_M=bm, BLOCK_N=bn, D=d)
+        with _quiet():
+            _dq_harness[(n_q // bm,)](*t32, dq, n_k, scale * LOG2E, scale, body, BLOCK_M=bm, BLOCK_N=bn, D=d)
     except Exception as e:  # noqa: BLE001
         return Report(f"Your turn: {title}", [Finding(title, "", "FAIL", f"the kernel failed: {type(e).__name__}: "
                                                       f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}")])
