@@ -7,6 +7,8 @@ Public API:
     attnpkg.softmax             row softmax with a Triton backward kernel
     attnpkg.reference           materialised attention (ground truth), multi-head attention
     attnpkg.grads               closed-form backward passes (softmax, matmul, attention, multi-head)
+    attnpkg.check               a conformance report for any attention function (python -m attnpkg.check)
+    attnpkg.exercises           the checkers of the book's exercises
 
 On a machine without a CUDA GPU the Triton kernels run on CPU tensors through Triton's
 interpreter. It must be switched on before any kernel is defined, so it is done here, on import.

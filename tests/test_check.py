@@ -153,8 +153,8 @@ def test_command_line():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["flash", "efficient", "cudnn", "math"])
-def test_sdpa_backends_on_gpu(backend):
-    if backend not in check._sdpa_backends(torch.device("cuda")):
+def testsdpa_backends_on_gpu(backend):
+    if backend not in check.sdpa_backends(torch.device("cuda")):
         pytest.skip(f"SDPA's {backend} backend does not run on this GPU")
     report = check.attention(check.sdpa(backend), device="cuda")
     assert report.ok, report
