@@ -37,9 +37,11 @@ import html
 import inspect
 import math
 import sys
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 
 __all__ = ["attention", "sdpa", "sdpa_backends", "flash_attn_layout", "planted_mistakes", "reference_pass", "Report",
@@ -187,9 +189,8 @@ def describe_mismatch(name: str, got, want: torch.Tensor, atol: float, alternati
         return f"{name} is {kind} in {int(bad.sum())} of {got_d.numel()} entries (first at {list(first)})"
     finite = torch.isfinite(want_d)
     g, w = got_d[finite], want_d[finite]
-    if w.dim() >= 2 or want_d.dim() >= 2:
-        if want_d.dim() >= 2 and want_d.shape[-1] == want_d.shape[-2] and _close(got_d, want_d.transpose(-2, -1), atol):
-            return f"{name} is transposed (it equals the expected value's transpose)"
+    if want_d.dim() >= 2 and want_d.shape[-1] == want_d.shape[-2] and _close(got_d, want_d.transpose(-2, -1), atol):
+        return f"{name} is transposed (it equals the expected value's transpose)"
     if w.numel() and (w * w).sum() > 0:
         c = ((g * w).sum() / (w * w).sum()).item()
         if abs(c - 1) > 1e-3 and _close(got_d, c * want_d, atol + 1e-6 * want_d.abs().max().item()):
@@ -660,6 +661,14 @@ def _short(description: str) -> str:
     return description
 
 
+@contextlib.contextmanager
+def _quiet():
+    """No RuntimeWarnings from NumPy (Triton's interpreter computes with it): the report says what went wrong."""
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)
+        yield
+
+
 def _first_line(e: Exception) -> str:
     text = str(e).strip().splitlines()
     return text[0][:200] if text else ""
@@ -716,8 +725,9 @@ def attention(fn: Callable, *, device=None, dtype=None, name: Optional[str] = No
         else:
             dtype = torch.float64       # nothing works: the basic case will fail and say why
     battery = _Battery(caller, device, dtype, causal_alignment, deterministic, determinism_runs, seed)
-    findings = [battery.run_case(i, case) for i, case in enumerate(_battery(quick))]
-    findings.append(battery.determinism())
+    with _quiet():
+        findings = [battery.run_case(i, case) for i, case in enumerate(_battery(quick))]
+        findings.append(battery.determinism())
     tolerance = "float64 against float64" if dtype == torch.float64 else \
         f"{str(dtype).removeprefix('torch.')}: error <= 2 x PyTorch's {str(dtype).removeprefix('torch.')} error + floor"
     aligned = {None: "either (reported)", "bottom_right": "bottom-right", "top_left": "top-left"}[causal_alignment]

@@ -14,16 +14,13 @@ the report raises unless every case passed (the book's solution cells use it).
 The Triton exercises take a ``@triton.jit`` function, which a small kernel here calls in its loop; on
 a machine without a GPU it runs through Triton's interpreter.
 """
-import contextlib
 import math
-import warnings
 
-import numpy as np
 import torch
 import triton
 import triton.language as tl
 
-from .check import Finding, Report, describe_mismatch, max_error, reference_pass
+from .check import Finding, Report, _quiet, describe_mismatch, max_error, reference_pass
 
 __all__ = ["softmax_backward", "logsumexp", "matmul_backward", "linear_backward", "attention_backward",
            "causal_mask", "split_heads", "projection_weight_gradient", "online_update", "merge_partials",
@@ -307,14 +304,6 @@ def _dq_harness(Q, K, V, DO, LSE2, DELTA, DQ, n_k, qk_scale, scale, BODY: tl.con
         v = tl.load(V + (start_n + offs_n)[:, None] * D + offs_d[None, :])
         dq = BODY(dq, q, do, lse2, delta, k, v, qk_scale)
     tl.store(DQ + offs_m[:, None] * D + offs_d[None, :], dq * scale)
-
-
-@contextlib.contextmanager
-def _quiet():
-    """Triton's interpreter computes with NumPy, which warns about the 0/0 of an unfinished exercise."""
-    with warnings.catch_warnings(), np.errstate(all="ignore"):
-        warnings.simplefilter("ignore", RuntimeWarning)
-        yield
 
 
 def _device():
