@@ -126,7 +126,8 @@ class Report:
         return str(self)
 
     def _repr_html_(self) -> str:
-        colour = "#1a7f37" if self.ok else "#cf222e"
+        todo = any(f.status == "todo" for f in self.findings)
+        colour = "#1a7f37" if self.ok else _COLOUR["todo"] if todo else "#cf222e"
         rows = []
         for f in self.findings:
             text = html.escape(f.message)
@@ -444,7 +445,7 @@ def _restride(t, dtype):
     return view
 
 
-def _hypotheses(case: _Case, caller: _Caller, alignment: str, has_lse: bool):
+def _hypotheses(case: _Case, alignment: str, has_lse: bool):
     """(description, reference keyword arguments) of the mistakes this case could reveal."""
     scale = 1.0 / math.sqrt(case.d) if case.scale is None else case.scale
     hyps = []
@@ -521,7 +522,8 @@ class _Battery:
         return {n: 2 * max_error(same[n].double(), exact[n]) + floor * sizes[n] for n in names}
 
     def references(self, case, q, k, v, do, dlse, **variant):
-        kw = dict(causal=case.causal, scale=case.scale, alignment=self.alignment)
+        kw = dict(causal=case.causal, scale=case.scale,
+                  alignment=self.alignment or self.detected_alignment or "bottom_right")
         kw.update(variant)
         exact = reference_pass(*(t.double() for t in (q, k, v, do)), None if dlse is None else dlse.double(), **kw)
         if self.dtype == torch.float64:
@@ -559,7 +561,7 @@ class _Battery:
         return self.failure(case, q, k, v, do, dlse, got, names, errors, wrong, tol, exact)
 
     def failure(self, case, q, k, v, do, dlse, got, names, errors, wrong, tol, exact, check=None):
-        for description, variant in _hypotheses(case, self.caller, self.alignment, "lse" in got):
+        for description, variant in _hypotheses(case, self.alignment, "lse" in got):
             alt, alt_same = self.references(case, q, k, v, do, dlse, **variant)
             if all(_close(got[n].double(), alt[n], 2 * tol[n] + 2 * max_error(alt_same[n].double(), alt[n])) for n in names):
                 return Finding(check or case.check, case.label, "FAIL", f"{', '.join(wrong)} wrong: {description}",

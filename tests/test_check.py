@@ -33,6 +33,9 @@ def test_undeclared_alignment_is_detected_and_reported():
     assert report.ok
     finding = next(f for f in report.findings if f.check == "causal alignment")
     assert "top-left" in finding.message and "detected" in finding.message
+    report = check.attention(attnpkg.reference.attention, causal_alignment=None)
+    assert report.ok and not report.skipped, report
+    assert "bottom-right" in next(f for f in report.findings if f.check == "causal alignment").message
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
