@@ -177,9 +177,10 @@ def describe_mismatch(name: str, got, want: torch.Tensor, atol: float, alternati
         if _close(got_d, alt.detach().double().cpu(), atol):
             return f"{name}: {description}"
     if got_d.shape != want_d.shape:
-        if want_d.dim() >= 2 and got_d.shape == want_d.transpose(-2, -1).shape and _close(got_d, want_d.transpose(-2, -1), atol):
+        if want_d.dim() >= 2 and _close(got_d, want_d.transpose(-2, -1), atol):
             return f"{name} is transposed: shape {tuple(got.shape)}, expected {tuple(want.shape)}"
-        if got_d.numel() == want_d.numel() and _close(got_d.flatten().sort().values, want_d.flatten().sort().values, atol):
+        if got_d.numel() == want_d.numel() and _close(got_d.flatten().sort().values,
+                                                      want_d.flatten().sort().values, atol):
             return (f"{name} has the right numbers but shape {tuple(got.shape)}, expected {tuple(want.shape)} "
                     "(a reshape or sum over the wrong dimensions?)")
         return f"{name} has shape {tuple(got.shape)}, expected {tuple(want.shape)}"
@@ -244,7 +245,8 @@ def reference_pass(q, k, v, do=None, dlse=None, *, causal=False, scale=None, ali
     p = e / torch.where(l > 0, l, torch.ones_like(l))
     lse = (m + torch.log(l)).squeeze(-1)
     o = p @ vx
-    out = {"o": o, "lse": lse * LOG2E if lse_base2 else lse, "s_max": s[torch.isfinite(s)].abs().max() if s.numel() else s.new_zeros(())}
+    s_max = s[torch.isfinite(s)].abs().max() if torch.isfinite(s).any() else s.new_zeros(())
+    out = {"o": o, "lse": lse * LOG2E if lse_base2 else lse, "s_max": s_max}
     if do is None:
         return out
     dv = p.transpose(-2, -1) @ do
@@ -334,7 +336,8 @@ class _Caller:
         names = set(params)
         var_kw = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values())
         self.causal_kw = next((n for n in ("is_causal", "causal") if n in names), "causal" if var_kw else None)
-        self.scale_kw = next((n for n in ("scale", "softmax_scale", "sm_scale") if n in names), "scale" if var_kw else None)
+        self.scale_kw = next((n for n in ("scale", "softmax_scale", "sm_scale") if n in names),
+                             "scale" if var_kw else None)
         self.gqa_kw = "enable_gqa" if "enable_gqa" in names else None
         self.lse_kw = "return_lse" if "return_lse" in names else None
 
@@ -423,8 +426,9 @@ def _inputs(case: _Case, dtype, device, generator):
         k = randn(case.b, case.nk, case.hkv, case.d + 8)[..., :case.d].transpose(1, 2)
         v = randn(case.b, case.nk, case.hkv, case.d + 8)[..., :case.d].transpose(1, 2)
     else:
-        q, k, v = randn(case.b, case.hq, case.nq, case.d), randn(case.b, case.hkv, case.nk, case.d), randn(case.b, case.hkv, case.nk, case.d)
-    if case.logits == "large":          # logits of standard deviation 300, up to ~1000: exp overflows without the max shift
+        q = randn(case.b, case.hq, case.nq, case.d)
+        k, v = randn(case.b, case.hkv, case.nk, case.d), randn(case.b, case.hkv, case.nk, case.d)
+    if case.logits == "large":          # logits of standard deviation 300, up to ~1000: exp overflows unshifted
         q, k = q * math.sqrt(300), k * math.sqrt(300)
     elif case.logits == "negative":      # every logit near -1000: exp underflows to 0 without the max shift
         c = math.sqrt(1000 * math.sqrt(case.d))
@@ -551,7 +555,8 @@ class _Battery:
         exact, same = self.references(case, q, k, v, do, dlse)
         names = [n for n in got if n in exact]
         tol = self.tolerances(exact, same, names)
-        errors = {n: (max_error(got[n], exact[n]) if got[n].shape == exact[n].shape else float("inf"), tol[n]) for n in names}
+        errors = {n: (max_error(got[n], exact[n]) if got[n].shape == exact[n].shape else float("inf"), tol[n])
+                  for n in names}
         wrong = [n for n in names if errors[n][0] > errors[n][1]]
         what = ", ".join(names)
         if case.check == "causal alignment":
@@ -563,7 +568,8 @@ class _Battery:
     def failure(self, case, q, k, v, do, dlse, got, names, errors, wrong, tol, exact, check=None):
         for description, variant in _hypotheses(case, self.alignment, "lse" in got):
             alt, alt_same = self.references(case, q, k, v, do, dlse, **variant)
-            if all(_close(got[n].double(), alt[n], 2 * tol[n] + 2 * max_error(alt_same[n].double(), alt[n])) for n in names):
+            if all(_close(got[n].double(), alt[n], 2 * tol[n] + 2 * max_error(alt_same[n].double(), alt[n]))
+                   for n in names):
                 return Finding(check or case.check, case.label, "FAIL", f"{', '.join(wrong)} wrong: {description}",
                                diagnosis=_short(description), errors=errors)
         details = "; ".join(describe_mismatch(n, got[n], exact[n], tol[n]) for n in wrong)
@@ -619,7 +625,8 @@ class _Battery:
         if problems:
             nan = any("NaN" in p for p in problems)
             return Finding(case.check, case.label, "FAIL",
-                           f"the first {n_empty} queries see no key: " + ", ".join(problems) + " (expected output 0, lse -inf, no NaN)",
+                           f"the first {n_empty} queries see no key: " + ", ".join(problems)
+                           + " (expected output 0, lse -inf, no NaN)",
                            diagnosis="rows that see no key give NaN" if nan else "rows that see no key are not 0 / -inf")
         names = [n for n in got if n in exact]
         tol = self.tolerances(exact, same, names)
@@ -723,7 +730,8 @@ def attention(fn: Callable, *, device=None, dtype=None, name: Optional[str] = No
                 dtype = candidate
                 break
             except Exception as e:  # noqa: BLE001
-                notes.append(f"{str(candidate).removeprefix('torch.')} not accepted ({type(e).__name__}: {_first_line(e)[:80]})")
+                notes.append(f"{str(candidate).removeprefix('torch.')} not accepted "
+                             f"({type(e).__name__}: {_first_line(e)[:80]})")
         else:
             dtype = torch.float64       # nothing works: the basic case will fail and say why
     battery = _Battery(caller, device, dtype, causal_alignment, deterministic, determinism_runs, seed)
@@ -872,7 +880,8 @@ def main(argv=None) -> int:
     parser.add_argument("target", choices=["sdpa", "attnpkg"], help="what to check")
     parser.add_argument("--backend", default="all", help="SDPA backend: math, flash, efficient, cudnn or all (default)")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    parser.add_argument("--dtype", default=None, help="float64, float32, bfloat16 or float16 (default: the most precise accepted)")
+    parser.add_argument("--dtype", default=None,
+                        help="float64, float32, bfloat16 or float16 (default: the most precise one accepted)")
     parser.add_argument("--quick", action="store_true", help="one case per check")
     args = parser.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -60,10 +60,12 @@ def _grade(title, fn, cases, names, *, atol=1e-9):
         try:
             got = _as_tuple(_call(fn, args), len(names))
         except _NotAttempted:
-            return Report(f"Your turn: {title}", [Finding(title, "", "todo", f"not attempted yet: fill in {name_of} above (it still "
-                                          "raises NotImplementedError), run its cell, then this one again")])
+            message = (f"not attempted yet: fill in {name_of} above (it still raises NotImplementedError), "
+                       "run its cell, then this one again")
+            return Report(f"Your turn: {title}", [Finding(title, "", "todo", message)])
         except Exception as e:  # noqa: BLE001 - the reader's code: report, don't crash the page
-            findings.append(Finding(title, label, "FAIL", f"{name_of} raised {type(e).__name__}: {e}", diagnosis="raised"))
+            findings.append(Finding(title, label, "FAIL", f"{name_of} raised {type(e).__name__}: {e}",
+                                    diagnosis="raised"))
             continue
         messages = []
         for name, g, w in zip(names, got, want):
@@ -120,7 +122,7 @@ def logsumexp(fn):
                      ("logits near -1000 (exp underflows)", -1000 + _randn(4, 7, generator=g))):
         m = s.amax(-1, keepdim=True)
         want = torch.logsumexp(s, -1)
-        alts = {"lse": [("the row maximum m is not added back: log sum exp(s - m) + m", (m + torch.log(torch.exp(s - m).sum(-1, keepdim=True))).squeeze(-1) - m.squeeze(-1)),
+        alts = {"lse": [("the row maximum m is not added back: log sum exp(s - m) + m", torch.log(torch.exp(s - m).sum(-1))),
                         ("it keeps the last dimension: return shape (..., ) not (..., 1)", want[..., None])]}
         cases.append((label, (s,), (want,), alts))
     report = _grade("logsumexp", fn, cases, ["lse"])
@@ -142,8 +144,8 @@ def matmul_backward(fn):
         dy = _randn(*xshape[:-1], 4, generator=g)
         dx, dw_each = dy @ w.T, x.transpose(-2, -1) @ dy
         dw = dw_each if dw_each.dim() == 2 else dw_each.sum(0)
-        alts = {"dw": [("dW is not summed over the batch: w is shared, so its gradient adds up every batch entry", dw_each)]
-                if dw_each.dim() > 2 else []}
+        not_summed = "dW is not summed over the batch: w is shared, so its gradient adds up every batch entry"
+        alts = {"dw": [(not_summed, dw_each)] if dw_each.dim() > 2 else []}
         cases.append((label, (x, w, dy), (dx, dw), alts))
     return _grade("matmul_backward", fn, cases, ["dx", "dw"])
 
@@ -167,7 +169,7 @@ def attention_backward(fn):
     g = _gen(5)
     cases = []
     for label, nq, nk, d in (("Nq = Nk = 6, d = 4", 6, 6, 4), ("Nq = 5, Nk = 7, d = 3", 5, 7, 3)):
-        q, k, v, do = _randn(nq, d, generator=g), _randn(nk, d, generator=g), _randn(nk, d, generator=g), _randn(nq, d, generator=g)
+        q, k, v, do = (_randn(n, d, generator=g) for n in (nq, nk, nk, nq))
         scale = 1 / math.sqrt(d)
         ref = reference_pass(q, k, v, do, scale=scale)
         p = torch.softmax(scale * q @ k.T, -1)
@@ -187,10 +189,13 @@ def causal_mask(fn):
     for n_q, n_k in ((4, 4), (3, 6), (6, 3)):
         i, j = torch.arange(n_q)[:, None], torch.arange(n_k)[None, :]
         want = (j <= i + n_k - n_q).double()
-        alts = {"mask": [("aligned top-left (query i sees keys j <= i); the book aligns the last query with the last key, "
-                          "j <= i + Nk - Nq", (j <= i).double()),
-                         ("the diagonal is excluded: a query sees its own key, use <=, not <", (j < i + n_k - n_q).double()),
-                         ("True and False are swapped: True marks the keys a query may see", (j > i + n_k - n_q).double())]}
+        top_left = ("aligned top-left (query i sees keys j <= i); the book aligns the last query with the last key, "
+                    "j <= i + Nk - Nq")
+        alts = {"mask": [(top_left, (j <= i).double()),
+                         ("the diagonal is excluded: a query sees its own key, use <=, not <",
+                          (j < i + n_k - n_q).double()),
+                         ("True and False are swapped: True marks the keys a query may see",
+                          (j > i + n_k - n_q).double())]}
         cases.append((f"n_q = {n_q}, n_k = {n_k}", (n_q, n_k), (want,), alts))
     return _grade("causal_mask", fn, cases, ["mask"])
 
@@ -205,7 +210,8 @@ def split_heads(fn):
     want = x.reshape(5, 3, 4).transpose(0, 1)
     alts = {"heads": [("a reshape to (H, N, d) without the transpose mixes tokens and heads: reshape to (N, H, d), "
                        "then transpose", x.reshape(3, 5, 4)),
-                      ("head h took every H-th column instead of the block h*d:(h+1)*d", x.reshape(5, 4, 3).permute(2, 0, 1))]}
+                      ("head h took every H-th column instead of the block h*d:(h+1)*d",
+                       x.reshape(5, 4, 3).permute(2, 0, 1))]}
     return _grade("split_heads", fn, [("N = 5, H = 3, d = 4", (x, 3), (want,), alts)], ["heads"])
 
 
@@ -219,7 +225,8 @@ def projection_weight_gradient(fn):
                       "gradients X^T dQ_h", x.T @ dq.sum(0)),
                      ("columns interleaved across heads: head h owns the block of columns h*d_k:(h+1)*d_k",
                       x.T @ dq.permute(1, 2, 0).reshape(6, 6))]}
-    return _grade("projection_weight_gradient", fn, [("N = 6, d_model = 5, H = 3, d_k = 2", (x, dq), (want,), alts)], ["dw_q"])
+    return _grade("projection_weight_gradient", fn, [("N = 6, d_model = 5, H = 3, d_k = 2", (x, dq), (want,), alts)],
+                  ["dw_q"])
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -345,7 +352,8 @@ def forward_tile(body):
                                                       "and l_i unchanged (l stays 0); fill it in and run both cells again")])
     p_nat = torch.softmax(scale * LOG2E * q @ k.T, -1)      # exp instead of exp2 with the base-2 scale
     alts = {"o": [("natural exp of the base-2 logits: use tl.math.exp2 (qk_scale holds log2 e)", p_nat @ v),
-                  ("acc is not rescaled by alpha = exp2(m_i - m_new) before the tile is added", _no_rescale(q, k, v, scale, bn))],
+                  ("acc is not rescaled by alpha = exp2(m_i - m_new) before the tile is added",
+                   _no_rescale(q, k, v, scale, bn))],
             "lse": []}
 
     def fn():
