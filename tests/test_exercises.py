@@ -255,3 +255,38 @@ def test_causal_tile_fraction():
     assert exercises.causal_tile_fraction(lambda n, block: (n // block + 1) / (2 * (n // block))).ok
     assert_rejects(exercises.causal_tile_fraction(lambda n, block: 0.5), "limit for many tiles")
     assert_rejects(exercises.causal_tile_fraction(lambda n, block: (n + 1) / (2 * n)), "counts the visible entries")
+
+
+# The book ----------------------------------------------------------------------------------------------
+
+def _cells(path):
+    import json
+    return [(c["cell_type"], "".join(c["source"]), c.get("metadata", {}).get("tags", []))
+            for c in json.loads(path.read_text())["cells"]]
+
+
+@pytest.mark.parametrize("chapter", ["01", "02", "03", "04", "05", "06", "07"])
+def test_every_chapter_has_checked_exercises(chapter):
+    """At least two exercises per chapter, each: a TODO cell, a cell that grades it, a folded solution that the
+    same checker asserts (so every build of the book runs the solution through its checker)."""
+    from pathlib import Path
+    (path,) = (Path(__file__).resolve().parents[1] / "notebooks").glob(f"{chapter}_*.ipynb")
+    cells = _cells(path)
+    graded = 0
+    for i, (kind, source, tags) in enumerate(cells[:-2]):
+        if kind == "code" and "# TODO" in source:
+            check_kind, check, _ = cells[i + 1]
+            solution_kind, solution, solution_tags = cells[i + 2]
+            name = check.strip().removeprefix("exercises.").split("(")[0]
+            assert check_kind == "code" and check.strip().startswith("exercises.") and name in exercises.__all__, check
+            assert "hide-input" in solution_tags and f"exercises.{name}(" in solution and ".assert_ok()" in solution
+            assert ("raise NotImplementedError" in source) != source.lstrip().startswith(("@triton.jit", "import triton"))
+            graded += 1
+    assert graded >= 2, f"{path.name}: {graded} checked exercises"
+
+
+def test_every_checker_is_used_in_the_book():
+    from pathlib import Path
+    text = "".join(p.read_text() for p in (Path(__file__).resolve().parents[1] / "notebooks").glob("0*.ipynb"))
+    unused = [name for name in exercises.__all__ if f"exercises.{name}(" not in text]
+    assert not unused, unused
