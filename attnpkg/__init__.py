@@ -22,10 +22,18 @@ __version__ = "0.1.0"
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from . import check, exercises, grads, notebook, reference  # noqa: E402
+from . import grads, notebook, reference  # noqa: E402
 from .attention import flash_attention  # noqa: E402
 from .fused_softmax import softmax  # noqa: E402
 from .modules import MultiHeadAttention  # noqa: E402
 
 __all__ = ["__version__", "MultiHeadAttention", "check", "exercises", "flash_attention", "grads", "notebook", "reference",
            "softmax"]
+
+
+def __getattr__(name):
+    """``attnpkg.check`` and ``attnpkg.exercises`` load on first use (so ``python -m attnpkg.check`` runs it once)."""
+    if name in ("check", "exercises"):
+        import importlib
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
