@@ -7,6 +7,8 @@ Public API:
     attnpkg.softmax             row softmax with a Triton backward kernel
     attnpkg.reference           materialised attention (ground truth), multi-head attention
     attnpkg.grads               closed-form backward passes (softmax, matmul, attention, multi-head)
+    attnpkg.check               a conformance report for any attention function (python -m attnpkg.check)
+    attnpkg.exercises           the checkers of the book's exercises
 
 On a machine without a CUDA GPU the Triton kernels run on CPU tensors through Triton's
 interpreter. It must be switched on before any kernel is defined, so it is done here, on import.
@@ -26,4 +28,13 @@ from .fused_softmax import softmax  # noqa: E402
 from .modules import MultiHeadAttention  # noqa: E402
 from . import distributed  # noqa: E402  (context-parallel ring attention)
 
-__all__ = ["__version__", "MultiHeadAttention", "flash_attention", "grads", "notebook", "reference", "softmax"]
+__all__ = ["__version__", "MultiHeadAttention", "check", "exercises", "flash_attention", "grads", "notebook", "reference",
+           "softmax"]
+
+
+def __getattr__(name):
+    """``attnpkg.check`` and ``attnpkg.exercises`` load on first use (so ``python -m attnpkg.check`` runs it once)."""
+    if name in ("check", "exercises"):
+        import importlib
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

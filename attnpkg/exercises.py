@@ -1,0 +1,462 @@
+"""Checkers for the book's "Your turn" exercises: each grades a reader's function in place.
+
+    from attnpkg import exercises
+    exercises.softmax_backward(my_softmax_backward)      # a report: which case, which entry, what is wrong
+
+A checker calls the reader's function on fresh inputs, compares each result with the formula the
+book derives (in float64, or float32 for the Triton exercises) and says what is wrong in the words of
+:func:`attnpkg.check.describe_mismatch`: the wrong shape, a transpose, a constant factor, NaN, the
+right numbers in the wrong places, the worst entry, or one of the typical mistakes that the
+exercise lists. A function that still raises ``NotImplementedError`` (the book's empty exercise
+cells) gets "not attempted yet" and no failure, so that the page still runs; ``.assert_ok()`` on
+the report raises unless every case passed (the book's solution cells use it).
+
+The Triton exercises take a ``@triton.jit`` function, which a small kernel here calls in its loop; on
+a machine without a GPU it runs through Triton's interpreter.
+"""
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .check import Finding, Report, _quiet, describe_mismatch, max_error, reference_pass
+
+__all__ = ["softmax_backward", "logsumexp", "matmul_backward", "linear_backward", "attention_backward",
+           "causal_mask", "split_heads", "projection_weight_gradient", "online_update", "merge_partials",
+           "forward_tile", "delta", "dq_tile", "attention_flops", "causal_tile_fraction"]
+
+f64 = torch.float64
+LOG2E = 1.4426950408889634
+
+
+class _NotAttempted(Exception):
+    pass
+
+
+def _call(fn, args):
+    try:
+        return fn(*args)
+    except NotImplementedError as e:
+        raise _NotAttempted from e
+
+
+def _as_tuple(x, n):
+    if n == 1:
+        return (x,)
+    if not isinstance(x, (tuple, list)) or len(x) != n:
+        raise TypeError(f"expected a tuple of {n} results, got {type(x).__name__}"
+                        + (f" of length {len(x)}" if isinstance(x, (tuple, list)) else ""))
+    return tuple(x)
+
+
+def _grade(title, fn, cases, names, *, atol=1e-9):
+    """Run ``fn`` on each case and compare; a case is (label, args, expected tuple, alternatives dict).
+
+    ``alternatives[name]`` lists (description, tensor) of typical wrong answers for that output."""
+    name_of = getattr(fn, "__name__", "the function")
+    findings = []
+    for label, args, want, alternatives in cases:
+        try:
+            got = _as_tuple(_call(fn, args), len(names))
+        except _NotAttempted:
+            message = (f"not attempted yet: fill in {name_of} above (it still raises NotImplementedError), "
+                       "run its cell, then this one again")
+            return Report(f"Your turn: {title}", [Finding(title, "", "todo", message)])
+        except Exception as e:  # noqa: BLE001 - the reader's code: report, don't crash the page
+            findings.append(Finding(title, label, "FAIL", f"{name_of} raised {type(e).__name__}: {e}",
+                                    diagnosis="raised"))
+            continue
+        messages = []
+        for name, g, w in zip(names, got, want):
+            w = torch.as_tensor(w, dtype=f64)
+            g_t = torch.as_tensor(g).detach() if isinstance(g, (int, float, torch.Tensor)) else g
+            size = max(1.0, w[torch.isfinite(w)].abs().max().item() if torch.isfinite(w).any() else 1.0)
+            tol = atol * size
+            if isinstance(g_t, torch.Tensor) and g_t.shape == w.shape and max_error(g_t.double(), w) <= tol:
+                continue
+            if isinstance(g_t, torch.Tensor) and g_t.dtype == torch.bool and w.dtype != torch.bool:
+                g_t = g_t.double()
+            messages.append(describe_mismatch(name, g_t, w, tol, alternatives.get(name, ())))
+        if messages:
+            findings.append(Finding(title, label, "FAIL", "; ".join(messages), diagnosis=messages[0]))
+        else:
+            findings.append(Finding(title, label, "pass", ", ".join(names) + " right"))
+    return Report(f"Your turn: {title}", findings)
+
+
+def _randn(*shape, generator):
+    return torch.randn(*shape, generator=generator, dtype=f64)
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Chapter 1: the softmax
+
+def softmax_backward(fn):
+    """``fn(p, dp)``: ``ds = J^T dp`` for each row (last dim) of the probabilities ``p``, without building J."""
+    g = _gen(1)
+    cases = []
+    for label, shape in (("one row of 6", (6,)), ("a batch of rows (3, 5, 8)", (3, 5, 8))):
+        p = torch.softmax(_randn(*shape, generator=g), dim=-1)
+        dp = _randn(*shape, generator=g)
+        want = p * (dp - (dp * p).sum(-1, keepdim=True))
+        alts = {"ds": [("this is p * dp, the diagonal term alone: the correction - p <dp, p> is missing", p * dp),
+                       ("the correction must use <dp, p> = sum_j dp_j p_j, not the plain sum of dp",
+                        p * (dp - dp.sum(-1, keepdim=True))),
+                       ("the inner product runs over the wrong dimension (it must be the last, within a row)",
+                        p * (dp - (dp * p).sum(0, keepdim=True)) if len(shape) > 1 else p * 0 + float("nan"))]}
+        cases.append((label, (p, dp), (want,), alts))
+    return _grade("softmax_backward", fn, cases, ["ds"])
+
+
+def logsumexp(fn):
+    """``fn(s)``: ``log sum_j exp(s_j)`` over the last dim, safe for logits of any size."""
+    g = _gen(2)
+    cases = []
+    for label, s in (("logits of size ~3", 3 * _randn(4, 7, generator=g)),
+                     ("logits near +1000 (exp overflows)", 1000 + _randn(4, 7, generator=g)),
+                     ("logits near -1000 (exp underflows)", -1000 + _randn(4, 7, generator=g))):
+        m = s.amax(-1, keepdim=True)
+        want = torch.logsumexp(s, -1)
+        alts = {"lse": [("the row maximum m is not added back: log sum exp(s - m) + m", torch.log(torch.exp(s - m).sum(-1))),
+                        ("it keeps the last dimension: return shape (..., ) not (..., 1)", want[..., None])]}
+        cases.append((label, (s,), (want,), alts))
+    report = _grade("logsumexp", fn, cases, ["lse"])
+    for f in report.failures:
+        if "infinite" in f.message or "NaN" in f.message:
+            f.message += " -- exp overflows or underflows: subtract the row maximum first"
+    return report
+
+
+# ---------------------------------------------------------------------------------------------------
+# Chapter 2: matrix products
+
+def matmul_backward(fn):
+    """``fn(x, w, dy)``: ``(dx, dw)`` for ``y = x @ w``; ``x`` may have batch dimensions, ``w`` is shared."""
+    g = _gen(3)
+    cases = []
+    for label, xshape in (("x (5, 3), w (3, 4)", (5, 3)), ("x (2, 5, 3) in a batch, w (3, 4) shared", (2, 5, 3))):
+        x, w = _randn(*xshape, generator=g), _randn(3, 4, generator=g)
+        dy = _randn(*xshape[:-1], 4, generator=g)
+        dx, dw_each = dy @ w.T, x.transpose(-2, -1) @ dy
+        dw = dw_each if dw_each.dim() == 2 else dw_each.sum(0)
+        not_summed = "dW is not summed over the batch: w is shared, so its gradient adds up every batch entry"
+        alts = {"dw": [(not_summed, dw_each)] if dw_each.dim() > 2 else []}
+        cases.append((label, (x, w, dy), (dx, dw), alts))
+    return _grade("matmul_backward", fn, cases, ["dx", "dw"])
+
+
+def linear_backward(fn):
+    """``fn(x, w, b, dy)``: ``(dx, dw, db)`` for ``y = x @ w + b`` (the bias added to every row)."""
+    g = _gen(4)
+    x, w, b = _randn(6, 3, generator=g), _randn(3, 4, generator=g), _randn(4, generator=g)
+    dy = _randn(6, 4, generator=g)
+    alts = {"db": [("db is the mean of dY's rows, but the bias is added to every row: it is their sum", dy.mean(0)),
+                   ("db is dY itself: the bias is shared by the rows, sum them", dy)]}
+    cases = [("x (6, 3), w (3, 4), b (4,)", (x, w, b, dy), (dy @ w.T, x.T @ dy, dy.sum(0)), alts)]
+    return _grade("linear_backward", fn, cases, ["dx", "dw", "db"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Chapter 3: one head
+
+def attention_backward(fn):
+    """``fn(q, k, v, do, scale)``: ``(dq, dk, dv)`` of ``O = softmax(scale Q K^T) V`` for one head (2-D inputs)."""
+    g = _gen(5)
+    cases = []
+    for label, nq, nk, d in (("Nq = Nk = 6, d = 4", 6, 6, 4), ("Nq = 5, Nk = 7, d = 3", 5, 7, 3)):
+        q, k, v, do = (_randn(n, d, generator=g) for n in (nq, nk, nk, nq))
+        scale = 1 / math.sqrt(d)
+        ref = reference_pass(q, k, v, do, scale=scale)
+        p = torch.softmax(scale * q @ k.T, -1)
+        ds_no_d = p * (do @ v.T)
+        alts = {"dq": [("dQ misses the factor scale: dQ = scale dS K", ref["dq"] / scale),
+                       ("dS lacks the correction D: dS = P * (dP - D) with D = rowsum(dO * O)", scale * ds_no_d @ k)],
+                "dk": [("dK misses the factor scale: dK = scale dS^T Q", ref["dk"] / scale),
+                       ("dS lacks the correction D: dS = P * (dP - D) with D = rowsum(dO * O)", scale * ds_no_d.T @ q)],
+                "dv": [("dV = P dO is missing the transpose: dV = P^T dO", p @ do)] if nq == nk else []}
+        cases.append((label, (q, k, v, do, scale), (ref["dq"], ref["dk"], ref["dv"]), alts))
+    return _grade("attention_backward", fn, cases, ["dq", "dk", "dv"])
+
+
+def causal_mask(fn):
+    """``fn(n_q, n_k)``: boolean ``(n_q, n_k)``, True where query i sees key j: ``j <= i + n_k - n_q`` (bottom-right)."""
+    cases = []
+    for n_q, n_k in ((4, 4), (3, 6), (6, 3)):
+        i, j = torch.arange(n_q)[:, None], torch.arange(n_k)[None, :]
+        want = (j <= i + n_k - n_q).double()
+        top_left = ("aligned top-left (query i sees keys j <= i); the book aligns the last query with the last key, "
+                    "j <= i + Nk - Nq")
+        alts = {"mask": [(top_left, (j <= i).double()),
+                         ("the diagonal is excluded: a query sees its own key, use <=, not <",
+                          (j < i + n_k - n_q).double()),
+                         ("True and False are swapped: True marks the keys a query may see",
+                          (j > i + n_k - n_q).double())]}
+        cases.append((f"n_q = {n_q}, n_k = {n_k}", (n_q, n_k), (want,), alts))
+    return _grade("causal_mask", fn, cases, ["mask"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Chapter 4: several heads
+
+def split_heads(fn):
+    """``fn(x, n_heads)``: ``(N, H*d) -> (H, N, d)``, head h taking columns ``h*d:(h+1)*d``."""
+    g = _gen(6)
+    x = _randn(5, 3 * 4, generator=g)
+    want = x.reshape(5, 3, 4).transpose(0, 1)
+    alts = {"heads": [("a reshape to (H, N, d) without the transpose mixes tokens and heads: reshape to (N, H, d), "
+                       "then transpose", x.reshape(3, 5, 4)),
+                      ("head h took every H-th column instead of the block h*d:(h+1)*d",
+                       x.reshape(5, 4, 3).permute(2, 0, 1))]}
+    return _grade("split_heads", fn, [("N = 5, H = 3, d = 4", (x, 3), (want,), alts)], ["heads"])
+
+
+def projection_weight_gradient(fn):
+    """``fn(x, dq_heads)``: ``dW^Q`` of shape ``(d_model, H*d_k)`` from ``x (N, d_model)`` and the per-head
+    gradients ``dq_heads (H, N, d_k)`` of ``Q_h = X W^Q_h``."""
+    g = _gen(7)
+    x, dq = _randn(6, 5, generator=g), _randn(3, 6, 2, generator=g)
+    want = torch.cat([x.T @ dq[h] for h in range(3)], dim=1)
+    alts = {"dw_q": [("the heads were summed: each head owns its own columns of W^Q, so concatenate the heads' "
+                      "gradients X^T dQ_h", x.T @ dq.sum(0)),
+                     ("columns interleaved across heads: head h owns the block of columns h*d_k:(h+1)*d_k",
+                      x.T @ dq.permute(1, 2, 0).reshape(6, 6))]}
+    return _grade("projection_weight_gradient", fn, [("N = 6, d_model = 5, H = 3, d_k = 2", (x, dq), (want,), alts)],
+                  ["dw_q"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Chapter 5: the FlashAttention forward pass
+
+def online_update(fn):
+    """``fn(m, l, acc, s_tile, v_tile)``: one step of the online softmax for one query row (natural exp):
+    returns ``(m_new, l_new, acc_new)``. ``m``, ``l`` are 0-d tensors, ``acc`` is ``(d,)``, ``s_tile`` ``(n,)``,
+    ``v_tile`` ``(n, d)``."""
+    g = _gen(8)
+    cases = []
+    s_all, v_all = 3 * _randn(12, generator=g), _randn(12, 3, generator=g)
+    m0, l0, a0 = torch.tensor(-math.inf, dtype=f64), torch.tensor(0.0, dtype=f64), torch.zeros(3, dtype=f64)
+    # states after the first 4 keys, then a tile whose maximum is larger (the rescaling matters)
+    s_all[4:8] += 4
+    m1 = s_all[:4].max()
+    l1, a1 = torch.exp(s_all[:4] - m1).sum(), torch.exp(s_all[:4] - m1) @ v_all[:4]
+    for label, (m, l, a), sl in (("first tile, from m = -inf, l = 0, acc = 0", (m0, l0, a0), slice(0, 4)),
+                                 ("second tile, larger maximum", (m1, l1, a1), slice(4, 8))):
+        s_t, v_t = s_all[sl], v_all[sl]
+        m_new = torch.maximum(m, s_t.max())
+        alpha, p = torch.exp(m - m_new), torch.exp(s_t - m_new)
+        want = (m_new, alpha * l + p.sum(), alpha * a + p @ v_t)
+        alts = {"acc": [("acc is not rescaled by alpha = exp(m - m_new) before the new tile is added", a + p @ v_t)],
+                "l": [("l is not rescaled by alpha = exp(m - m_new) before the new tile is added", l + p.sum())]}
+        cases.append((label, (m.clone(), l.clone(), a.clone(), s_t, v_t), want, alts))
+    return _grade("online_update", fn, cases, ["m", "l", "acc"])
+
+
+def merge_partials(fn):
+    """``fn(o1, lse1, o2, lse2)``: output and lse of one set of queries over two disjoint sets of keys, from
+    each part's output ``(N, d)`` and lse ``(N,)``."""
+    g = _gen(9)
+    q, k, v = _randn(5, 4, generator=g), _randn(9, 4, generator=g), _randn(9, 4, generator=g)
+    one, two, whole = (reference_pass(q, k[sl], v[sl]) for sl in (slice(0, 4), slice(4, 9), slice(0, 9)))
+    alts = {"o": [("o is the plain average of o1 and o2: weight each by exp(lse_r - lse)", (one["o"] + two["o"]) / 2),
+                  ("o = o1 + o2: each part must be weighted by exp(lse_r - lse)", one["o"] + two["o"])],
+            "lse": [("lse = lse1 + lse2 multiplies the two sums; lse = log(exp(lse1) + exp(lse2)) adds them",
+                     one["lse"] + two["lse"]),
+                    ("lse = max(lse1, lse2) keeps the larger part only", torch.maximum(one["lse"], two["lse"]))]}
+    cases = [("keys 0-3 and 4-8", (one["o"], one["lse"], two["o"], two["lse"]), (whole["o"], whole["lse"]), alts)]
+    # a part that is empty for some queries: (0, -inf) must leave the other part unchanged
+    lse_empty = torch.full((5,), -math.inf, dtype=f64)
+    cases.append(("second part without keys: (o2, lse2) = (0, -inf)",
+                  (one["o"], one["lse"], torch.zeros_like(one["o"]), lse_empty), (one["o"], one["lse"]), {}))
+    return _grade("merge_partials", fn, cases, ["o", "lse"])
+
+
+@triton.jit
+def _forward_harness(Q, K, V, O, LSE, n_k, qk_scale, BODY: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
+    """One program per query tile: the loop of the FlashAttention forward with the reader's body."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    q = tl.load(Q + offs_m[:, None] * D + offs_d[None, :])
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    for start_n in range(0, n_k, BLOCK_N):
+        k = tl.load(K + (start_n + offs_n)[:, None] * D + offs_d[None, :])
+        v = tl.load(V + (start_n + offs_n)[:, None] * D + offs_d[None, :])
+        acc, m_i, l_i = BODY(acc, m_i, l_i, q, k, v, qk_scale)
+    tl.store(O + offs_m[:, None] * D + offs_d[None, :], acc / l_i[:, None])
+    tl.store(LSE + offs_m, (m_i + tl.math.log2(l_i)) * 0.6931471805599453)
+
+
+@triton.jit
+def _dq_harness(Q, K, V, DO, LSE2, DELTA, DQ, n_k, qk_scale, scale, BODY: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
+    """One program per query tile: the loop of the dQ kernel with the reader's body."""
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    q = tl.load(Q + offs_m[:, None] * D + offs_d[None, :])
+    do = tl.load(DO + offs_m[:, None] * D + offs_d[None, :])
+    lse2 = tl.load(LSE2 + offs_m)
+    delta = tl.load(DELTA + offs_m)
+    dq = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    for start_n in range(0, n_k, BLOCK_N):
+        k = tl.load(K + (start_n + offs_n)[:, None] * D + offs_d[None, :])
+        v = tl.load(V + (start_n + offs_n)[:, None] * D + offs_d[None, :])
+        dq = BODY(dq, q, do, lse2, delta, k, v, qk_scale)
+    tl.store(DQ + offs_m[:, None] * D + offs_d[None, :], dq * scale)
+
+
+def _device():
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _is_jit(fn):
+    """A @triton.jit function (compiled or interpreted) wraps the Python function as ``.fn``."""
+    return callable(getattr(fn, "fn", None))
+
+
+def forward_tile(body):
+    """``body(acc, m_i, l_i, q, k, v, qk_scale)``, a ``@triton.jit`` function: fold one tile of keys ``k`` and
+    values ``v`` ``(BLOCK_N, D)`` into the running state of a query tile ``q`` ``(BLOCK_M, D)`` in base 2
+    (``qk_scale`` = scale * log2 e) and return the new ``(acc, m_i, l_i)``. The harness kernel runs the loop
+    over the key tiles and finishes with ``o = acc / l`` and ``lse = (m + log2 l) ln 2``."""
+    title = "forward_tile (Triton)"
+    if not _is_jit(body):
+        return Report(f"Your turn: {title}", [Finding(title, "", "FAIL", "forward_tile must be a @triton.jit function")])
+    g = _gen(10)
+    n_q, n_k, d, bm, bn = 32, 64, 16, 16, 16
+    q, k, v = (_randn(n, d, generator=g) for n in (n_q, n_k, n_k))
+    k[16:32] += 1.5 * q.mean(0)             # a later key tile with larger logits: the rescaling matters
+    scale = 1 / math.sqrt(d)
+    ref = reference_pass(q, k, v, scale=scale)
+    dev = _device()
+    q32, k32, v32 = (t.float().to(dev) for t in (q, k, v))
+    o, lse = torch.empty_like(q32), torch.empty(n_q, device=dev)
+    try:
+        with _quiet():
+            _forward_harness[(n_q // bm,)](q32, k32, v32, o, lse, n_k, scale * LOG2E, body,
+                                           BLOCK_M=bm, BLOCK_N=bn, D=d)
+    except Exception as e:  # noqa: BLE001
+        return Report(f"Your turn: {title}", [Finding(title, "", "FAIL", f"the kernel failed: {type(e).__name__}: "
+                                                      f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}")])
+    o, lse = o.double().cpu(), lse.double().cpu()
+    if (lse == -math.inf).all() or o.isnan().all():
+        return Report(f"Your turn: {title}", [Finding(title, "", "todo", "not attempted yet: the body returns acc, m_i "
+                                                      "and l_i unchanged (l stays 0); fill it in and run both cells again")])
+    p_nat = torch.softmax(scale * LOG2E * q @ k.T, -1)      # exp instead of exp2 with the base-2 scale
+    alts = {"o": [("natural exp of the base-2 logits: use tl.math.exp2 (qk_scale holds log2 e)", p_nat @ v),
+                  ("acc is not rescaled by alpha = exp2(m_i - m_new) before the tile is added",
+                   _no_rescale(q, k, v, scale, bn))],
+            "lse": []}
+
+    def fn():
+        return o, lse
+    fn.__name__ = "forward_tile"
+    return _grade(title, lambda: fn(), [("Nq = 32, Nk = 64, D = 16, tiles 16 x 16", (), (ref["o"], ref["lse"]), alts)],
+                  ["o", "lse"], atol=5e-3)
+
+
+def _no_rescale(q, k, v, scale, bn):
+    s = scale * q @ k.T
+    m = torch.full((q.shape[0],), -math.inf, dtype=f64)
+    l, acc = torch.zeros(q.shape[0], dtype=f64), torch.zeros(q.shape[0], v.shape[1], dtype=f64)
+    for start in range(0, k.shape[0], bn):
+        st = s[:, start:start + bn]
+        m_new = torch.maximum(m, st.amax(1))
+        p = torch.exp(st - m_new[:, None])
+        l = l * torch.exp(m - m_new) + p.sum(1)
+        acc = acc + p @ v[start:start + bn]
+        m = m_new
+    return acc / l[:, None]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Chapter 6: the FlashAttention backward pass
+
+def delta(fn):
+    """``fn(o, do, dlse)``: ``D = rowsum(dO * O) - dlse``, one number per query row (``dlse`` may be None)."""
+    g = _gen(11)
+    o, do, dlse = _randn(2, 7, 4, generator=g), _randn(2, 7, 4, generator=g), _randn(2, 7, generator=g)
+    want = (do * o).sum(-1)
+    alts = {"delta": [("dlse is added: a gradient into the lse enters dS as P * dlse, so it lowers D: D = rowsum(dO * O) - dlse",
+                       want + dlse),
+                      ("dlse is ignored", want),
+                      ("the row sum runs over the queries (dim -2) instead of over the head dim (dim -1)",
+                       (do * o).sum(-2))]}
+    cases = [("no gradient into the lse (dlse = None)", (o, do, None), (want,), {"delta": alts["delta"][2:]}),
+             ("with dlse", (o, do, dlse), (want - dlse,), alts)]
+    return _grade("delta", fn, cases, ["delta"])
+
+
+def dq_tile(body):
+    """``body(dq, q, do, lse2, delta, k, v, qk_scale)``, a ``@triton.jit`` function: add one tile of keys'
+    contribution ``dS K`` to the query tile's ``dq`` accumulator ``(BLOCK_M, D)`` and return it. ``lse2`` is
+    the lse in base 2 ``(BLOCK_M,)``, ``delta`` is D ``(BLOCK_M,)``, ``qk_scale`` = scale * log2 e; the
+    harness multiplies by the scale once at the end."""
+    title = "dq_tile (Triton)"
+    if not _is_jit(body):
+        return Report(f"Your turn: {title}", [Finding(title, "", "FAIL", "dq_tile must be a @triton.jit function")])
+    g = _gen(12)
+    n_q, n_k, d, bm, bn = 32, 48, 16, 16, 16
+    q, k, v, do = (_randn(n, d, generator=g) for n in (n_q, n_k, n_k, n_q))
+    scale = 1 / math.sqrt(d)
+    ref = reference_pass(q, k, v, do, scale=scale)
+    delta_ = (do * ref["o"]).sum(-1)
+    dev = _device()
+    t32 = [t.float().contiguous().to(dev) for t in (q, k, v, do, ref["lse"] * LOG2E, delta_)]
+    dq = torch.empty(n_q, d, device=dev)
+    try:
+        with _quiet():
+            _dq_harness[(n_q // bm,)](*t32, dq, n_k, scale * LOG2E, scale, body, BLOCK_M=bm, BLOCK_N=bn, D=d)
+    except Exception as e:  # noqa: BLE001
+        return Report(f"Your turn: {title}", [Finding(title, "", "FAIL", f"the kernel failed: {type(e).__name__}: "
+                                                      f"{str(e).strip().splitlines()[-1] if str(e).strip() else ''}")])
+    dq = dq.double().cpu()
+    if (dq == 0).all():
+        return Report(f"Your turn: {title}", [Finding(title, "", "todo", "not attempted yet: the body returns dq "
+                                                      "unchanged; fill it in and run both cells again")])
+    p = torch.softmax(scale * q @ k.T, -1)
+    dp = do @ v.T
+    alts = {"dq": [("dS lacks the correction D: dS = P * (dP - D)", scale * (p * dp) @ k),
+                   ("P from the natural exp of base-2 logits: use tl.math.exp2(s - lse2)",
+                    scale * (torch.exp(LOG2E * scale * q @ k.T - ref["lse"][:, None] * LOG2E) * (dp - delta_[:, None])) @ k),
+                   ("the scale is applied twice: the harness multiplies by it at the end", scale * ref["dq"])]}
+    return _grade(title, lambda: dq, [("Nq = 32, Nk = 48, D = 16, tiles 16 x 16", (), (ref["dq"],), alts)], ["dq"], atol=5e-3)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Chapter 7: speed and memory
+
+def attention_flops(fn):
+    """``fn(b, h, n_q, n_k, d_k, d_v)``: FLOPs of the forward pass's two matrix products (2 per multiply-add)."""
+    cases = []
+    for args in ((1, 1, 4, 4, 8, 8), (2, 3, 5, 7, 4, 6)):
+        b, h, n_q, n_k, d_k, d_v = args
+        want = torch.tensor(2.0 * b * h * n_q * n_k * (d_k + d_v))
+        alts = {"flops": [("multiply-adds counted once: a product of a x b by b x c is 2abc FLOPs", want / 2),
+                          ("only S = Q K^T counted: O = P V costs 2 N_q N_k d_v more", torch.tensor(2.0 * b * h * n_q * n_k * d_k)),
+                          ("only O = P V counted: S = Q K^T costs 2 N_q N_k d_k more", torch.tensor(2.0 * b * h * n_q * n_k * d_v))]}
+        cases.append((f"B, H, Nq, Nk, dk, dv = {args}", args, (want,), alts))
+    return _grade("attention_flops", fn, cases, ["flops"])
+
+
+def causal_tile_fraction(fn):
+    """``fn(n, block)``: the fraction of the N x N score tiles that a causal kernel with square tiles of
+    ``block`` rows computes (``n`` a multiple of ``block``)."""
+    cases = []
+    for n, block in ((128, 32), (1024, 64), (64, 64)):
+        t = n // block
+        want = torch.tensor((t + 1) / (2 * t))
+        alts = {"fraction": [("1/2 is the limit for many tiles; the tiles on the diagonal are computed whole",
+                              torch.tensor(0.5)),
+                             ("(N + 1) / (2N) counts the visible entries, not the tiles computed",
+                              torch.tensor((n + 1) / (2 * n)))]}
+        cases.append((f"N = {n}, tiles of {block}", (n, block), (want,), alts))
+    return _grade("causal_tile_fraction", fn, cases, ["fraction"])

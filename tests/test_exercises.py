@@ -1,0 +1,287 @@
+"""attnpkg.exercises: every checker passes the book's solution, says "not attempted" for the empty
+exercise, and rejects typical wrong answers with the message that names the mistake."""
+import pytest
+import torch
+
+from attnpkg import exercises  # first: without a GPU it switches Triton's interpreter on before triton is imported
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+
+def todo(*args):
+    raise NotImplementedError
+
+
+def assert_rejects(report, *phrases):
+    assert not report.ok, report
+    text = str(report)
+    for phrase in phrases:
+        assert phrase in text, f"{phrase!r} not in\n{text}"
+
+
+def test_not_attempted_is_not_a_failure():
+    report = exercises.softmax_backward(todo)
+    assert not report.ok and not report.failures
+    assert "not attempted yet" in str(report) and "not attempted yet" in report._repr_html_()
+    with pytest.raises(AssertionError, match="not attempted"):
+        report.assert_ok()
+
+
+def test_raising_code_is_reported_not_raised():
+    def broken(p, dp):
+        return p @ dp          # shapes do not fit
+    report = exercises.softmax_backward(broken)
+    assert_rejects(report, "raised RuntimeError")
+
+
+def test_a_tuple_of_the_wrong_length():
+    assert_rejects(exercises.matmul_backward(lambda x, w, dy: dy @ w.T), "expected a tuple of 2 results")
+
+
+# Chapter 1 -------------------------------------------------------------------------------------------
+
+def test_softmax_backward():
+    assert exercises.softmax_backward(lambda p, dp: p * (dp - (dp * p).sum(-1, keepdim=True))).ok
+    assert_rejects(exercises.softmax_backward(lambda p, dp: p * dp), "correction - p <dp, p> is missing")
+    assert_rejects(exercises.softmax_backward(lambda p, dp: p * (dp - dp.sum(-1, keepdim=True))), "not the plain sum of dp")
+    assert_rejects(exercises.softmax_backward(lambda p, dp: -p * (dp - (dp * p).sum(-1, keepdim=True))), "wrong sign")
+    # building the Jacobian is slow but right
+    jac = lambda p, dp: (dp.unsqueeze(-2) @ (torch.diag_embed(p) - p.unsqueeze(-1) * p.unsqueeze(-2))).squeeze(-2)
+    assert exercises.softmax_backward(jac).ok
+
+
+def test_logsumexp():
+    def safe(s):
+        m = s.amax(-1, keepdim=True)
+        return (m + torch.log(torch.exp(s - m).sum(-1, keepdim=True))).squeeze(-1)
+    assert exercises.logsumexp(safe).ok
+    assert_rejects(exercises.logsumexp(lambda s: torch.log(torch.exp(s).sum(-1))), "subtract the row maximum first", "infinite")
+    assert_rejects(exercises.logsumexp(lambda s: torch.log(torch.exp(s - s.amax(-1, keepdim=True)).sum(-1))),
+                   "maximum m is not added back")
+    assert_rejects(exercises.logsumexp(lambda s: safe(s)[..., None]), "keeps the last dimension")
+
+
+# Chapter 2 -------------------------------------------------------------------------------------------
+
+def test_matmul_backward():
+    def right(x, w, dy):
+        dw = x.transpose(-2, -1) @ dy
+        return dy @ w.T, dw.reshape(-1, *w.shape).sum(0)
+    assert exercises.matmul_backward(right).ok
+    assert_rejects(exercises.matmul_backward(lambda x, w, dy: (dy @ w.T, x.transpose(-2, -1) @ dy)), "not summed over the batch")
+    assert_rejects(exercises.matmul_backward(lambda x, w, dy: (dy @ w.T, (dy.transpose(-2, -1) @ x).reshape(-1, 4, 3).sum(0))),
+                   "dw is transposed")
+
+
+def test_linear_backward():
+    assert exercises.linear_backward(lambda x, w, b, dy: (dy @ w.T, x.T @ dy, dy.sum(0))).ok
+    assert_rejects(exercises.linear_backward(lambda x, w, b, dy: (dy @ w.T, x.T @ dy, dy.mean(0))), "mean of dY's rows")
+    assert_rejects(exercises.linear_backward(lambda x, w, b, dy: (dy @ w.T, x.T @ dy, dy)), "db is dY itself")
+    assert_rejects(exercises.linear_backward(lambda x, w, b, dy: (dy @ w.T, x.T @ dy * 2, dy.sum(0))), "dw is 2 times")
+
+
+# Chapter 3 -------------------------------------------------------------------------------------------
+
+def _attention_backward(q, k, v, do, scale, *, use_scale=True, use_d=True):
+    p = torch.softmax(scale * q @ k.T, dim=-1)
+    dp = do @ v.T
+    ds = p * (dp - ((do * (p @ v)).sum(-1, keepdim=True) if use_d else 0))
+    tau = scale if use_scale else 1.0
+    return tau * ds @ k, tau * ds.T @ q, p.T @ do
+
+
+def test_attention_backward():
+    assert exercises.attention_backward(_attention_backward).ok
+    assert_rejects(exercises.attention_backward(lambda *a: _attention_backward(*a, use_scale=False)), "misses the factor scale")
+    assert_rejects(exercises.attention_backward(lambda *a: _attention_backward(*a, use_d=False)), "lacks the correction D")
+    def no_transpose(q, k, v, do, scale):
+        dq, dk, dv = _attention_backward(q, k, v, do, scale)
+        p = torch.softmax(scale * q @ k.T, dim=-1)
+        return dq, dk, p @ do if p.shape[0] == p.shape[1] else dv.T
+    assert_rejects(exercises.attention_backward(no_transpose), "missing the transpose: dV = P^T dO", "dv is transposed")
+
+
+def test_causal_mask():
+    right = lambda n_q, n_k: torch.arange(n_k)[None, :] <= torch.arange(n_q)[:, None] + n_k - n_q
+    assert exercises.causal_mask(right).ok
+    assert_rejects(exercises.causal_mask(lambda n_q, n_k: torch.ones(n_q, n_k, dtype=torch.bool).tril()), "aligned top-left")
+    assert_rejects(exercises.causal_mask(lambda n_q, n_k: torch.arange(n_k)[None, :] < torch.arange(n_q)[:, None] + n_k - n_q),
+                   "diagonal is excluded")
+    assert_rejects(exercises.causal_mask(lambda n_q, n_k: ~right(n_q, n_k)), "swapped")
+
+
+# Chapter 4 -------------------------------------------------------------------------------------------
+
+def test_split_heads():
+    assert exercises.split_heads(lambda x, h: x.reshape(x.shape[0], h, -1).transpose(0, 1)).ok
+    assert_rejects(exercises.split_heads(lambda x, h: x.reshape(h, x.shape[0], -1)), "without the transpose")
+    assert_rejects(exercises.split_heads(lambda x, h: x.reshape(x.shape[0], -1, h).permute(2, 0, 1)), "every H-th column")
+
+
+def test_projection_weight_gradient():
+    assert exercises.projection_weight_gradient(lambda x, dq: torch.cat([x.T @ d for d in dq], dim=1)).ok
+    assert exercises.projection_weight_gradient(lambda x, dq: x.T @ dq.transpose(0, 1).reshape(x.shape[0], -1)).ok
+    assert_rejects(exercises.projection_weight_gradient(lambda x, dq: x.T @ dq.sum(0)), "heads were summed")
+    assert_rejects(exercises.projection_weight_gradient(lambda x, dq: x.T @ dq.permute(1, 2, 0).reshape(x.shape[0], -1)),
+                   "interleaved")
+
+
+# Chapter 5 -------------------------------------------------------------------------------------------
+
+def _online_update(m, l, acc, s, v, rescale_acc=True, rescale_l=True):
+    m_new = torch.maximum(m, s.max())
+    alpha, p = torch.exp(m - m_new), torch.exp(s - m_new)
+    return m_new, (alpha if rescale_l else 1) * l + p.sum(), (alpha if rescale_acc else 1) * acc + p @ v
+
+
+def test_online_update():
+    assert exercises.online_update(_online_update).ok
+    assert_rejects(exercises.online_update(lambda *a: _online_update(*a, rescale_acc=False)), "acc is not rescaled")
+    assert_rejects(exercises.online_update(lambda *a: _online_update(*a, rescale_l=False)), "l is not rescaled")
+
+
+def _merge(o1, lse1, o2, lse2):
+    lse = torch.logaddexp(lse1, lse2)
+    return torch.exp(lse1 - lse)[:, None] * o1 + torch.exp(lse2 - lse)[:, None] * o2, lse
+
+
+def test_merge_partials():
+    assert exercises.merge_partials(_merge).ok
+    assert_rejects(exercises.merge_partials(lambda o1, l1, o2, l2: ((o1 + o2) / 2, torch.logaddexp(l1, l2))), "plain average")
+    assert_rejects(exercises.merge_partials(lambda o1, l1, o2, l2: (_merge(o1, l1, o2, l2)[0], l1 + l2)), "multiplies the two sums")
+    assert_rejects(exercises.merge_partials(lambda o1, l1, o2, l2: (_merge(o1, l1, o2, l2)[0], torch.maximum(l1, l2))),
+                   "keeps the larger part only")
+
+
+@triton.jit
+def _forward_tile(acc, m_i, l_i, q, k, v, qk_scale):
+    s = tl.dot(q, tl.trans(k)) * qk_scale
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.math.exp2(s - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    return acc * alpha[:, None] + tl.dot(p, v), m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def _forward_tile_stub(acc, m_i, l_i, q, k, v, qk_scale):
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _forward_tile_exp(acc, m_i, l_i, q, k, v, qk_scale):
+    s = tl.dot(q, tl.trans(k)) * qk_scale
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.exp(s - m_new[:, None])
+    alpha = tl.exp(m_i - m_new)
+    return acc * alpha[:, None] + tl.dot(p, v), m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
+def _forward_tile_no_rescale(acc, m_i, l_i, q, k, v, qk_scale):
+    s = tl.dot(q, tl.trans(k)) * qk_scale
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.math.exp2(s - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    return acc + tl.dot(p, v), m_new, l_i * alpha + tl.sum(p, 1)
+
+
+def test_forward_tile():
+    assert exercises.forward_tile(_forward_tile).ok
+    report = exercises.forward_tile(_forward_tile_stub)
+    assert not report.failures and "not attempted yet" in str(report)
+    assert_rejects(exercises.forward_tile(_forward_tile_exp), "use tl.math.exp2")
+    assert_rejects(exercises.forward_tile(_forward_tile_no_rescale), "acc is not rescaled")
+    assert_rejects(exercises.forward_tile(lambda *a: a[:3]), "must be a @triton.jit function")
+
+
+# Chapter 6 -------------------------------------------------------------------------------------------
+
+def test_delta():
+    right = lambda o, do, dlse: (do * o).sum(-1) - (0 if dlse is None else dlse)
+    assert exercises.delta(right).ok
+    assert_rejects(exercises.delta(lambda o, do, dlse: (do * o).sum(-1) + (0 if dlse is None else dlse)), "dlse is added")
+    assert_rejects(exercises.delta(lambda o, do, dlse: (do * o).sum(-1)), "dlse is ignored")
+    assert_rejects(exercises.delta(lambda o, do, dlse: (do * o).sum(-2)), "over the queries")
+
+
+@triton.jit
+def _dq_tile(dq, q, do, lse2, delta, k, v, qk_scale):
+    p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None])
+    ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+    return dq + tl.dot(ds, k)
+
+
+@triton.jit
+def _dq_tile_stub(dq, q, do, lse2, delta, k, v, qk_scale):
+    return dq
+
+
+@triton.jit
+def _dq_tile_no_delta(dq, q, do, lse2, delta, k, v, qk_scale):
+    p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None])
+    return dq + tl.dot(p * tl.dot(do, tl.trans(v)), k)
+
+
+@triton.jit
+def _dq_tile_exp(dq, q, do, lse2, delta, k, v, qk_scale):
+    p = tl.exp(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None])
+    ds = p * (tl.dot(do, tl.trans(v)) - delta[:, None])
+    return dq + tl.dot(ds, k)
+
+
+def test_dq_tile():
+    assert exercises.dq_tile(_dq_tile).ok
+    report = exercises.dq_tile(_dq_tile_stub)
+    assert not report.failures and "not attempted yet" in str(report)
+    assert_rejects(exercises.dq_tile(_dq_tile_no_delta), "lacks the correction D")
+    assert_rejects(exercises.dq_tile(_dq_tile_exp), "use tl.math.exp2")
+
+
+# Chapter 7 -------------------------------------------------------------------------------------------
+
+def test_attention_flops():
+    assert exercises.attention_flops(lambda b, h, nq, nk, dk, dv: 2 * b * h * nq * nk * (dk + dv)).ok
+    assert_rejects(exercises.attention_flops(lambda b, h, nq, nk, dk, dv: b * h * nq * nk * (dk + dv)), "multiply-adds counted once")
+    assert_rejects(exercises.attention_flops(lambda b, h, nq, nk, dk, dv: 2 * b * h * nq * nk * dk), "only S = Q K^T counted")
+
+
+def test_causal_tile_fraction():
+    assert exercises.causal_tile_fraction(lambda n, block: (n // block + 1) / (2 * (n // block))).ok
+    assert_rejects(exercises.causal_tile_fraction(lambda n, block: 0.5), "limit for many tiles")
+    assert_rejects(exercises.causal_tile_fraction(lambda n, block: (n + 1) / (2 * n)), "counts the visible entries")
+
+
+# The book ----------------------------------------------------------------------------------------------
+
+def _cells(path):
+    import json
+    return [(c["cell_type"], "".join(c["source"]), c.get("metadata", {}).get("tags", []))
+            for c in json.loads(path.read_text())["cells"]]
+
+
+@pytest.mark.parametrize("chapter", ["01", "02", "03", "04", "05", "06", "07"])
+def test_every_chapter_has_checked_exercises(chapter):
+    """At least two exercises per chapter, each: a TODO cell, a cell that grades it, a folded solution that the
+    same checker asserts (so every build of the book runs the solution through its checker)."""
+    from pathlib import Path
+    (path,) = (Path(__file__).resolve().parents[1] / "notebooks").glob(f"{chapter}_*.ipynb")
+    cells = _cells(path)
+    graded = 0
+    for i, (kind, source, tags) in enumerate(cells[:-2]):
+        if kind == "code" and "# TODO" in source:
+            check_kind, check, _ = cells[i + 1]
+            solution_kind, solution, solution_tags = cells[i + 2]
+            name = check.strip().removeprefix("exercises.").split("(")[0]
+            assert check_kind == "code" and check.strip().startswith("exercises.") and name in exercises.__all__, check
+            assert "hide-input" in solution_tags and f"exercises.{name}(" in solution and ".assert_ok()" in solution
+            assert ("raise NotImplementedError" in source) != source.lstrip().startswith(("@triton.jit", "import triton"))
+            graded += 1
+    assert graded >= 2, f"{path.name}: {graded} checked exercises"
+
+
+def test_every_checker_is_used_in_the_book():
+    from pathlib import Path
+    text = "".join(p.read_text() for p in (Path(__file__).resolve().parents[1] / "notebooks").glob("0*.ipynb"))
+    unused = [name for name in exercises.__all__ if f"exercises.{name}(" not in text]
+    assert not unused, unused
