@@ -7,6 +7,11 @@ Public API:
     attnpkg.softmax             row softmax with a Triton backward kernel
     attnpkg.reference           materialised attention (ground truth), multi-head attention
     attnpkg.grads               closed-form backward passes (softmax, matmul, attention, multi-head)
+    attnpkg.notebook            setup() and show_source() for the book's chapters
+    attnpkg.bench               python -m attnpkg.bench: the benchmark against torch's SDPA backends
+
+Shapes are SDPA's ``(batch, heads, seq, head_dim)``; rows are tokens and ``Y = X W``. The book's
+page "API reference" documents each of them.
 
 On a machine without a CUDA GPU the Triton kernels run on CPU tensors through Triton's
 interpreter. It must be switched on before any kernel is defined, so it is done here, on import.
