@@ -46,8 +46,14 @@ def _causal_flags(tiles_for, kernels, dtype, head_dim):
     (Call with attention._capability patched.)"""
     import torch
     gpu = torch.device("cuda", 0)
-    if FULL or any(tiles_for(kernel, head_dim, dtype, gpu, False) != tiles_for(kernel, head_dim, dtype, gpu, True)
-                   for kernel in kernels):
+
+    def tiles(kernel, causal):
+        try:
+            return tiles_for(kernel, head_dim, dtype, gpu, causal)
+        except ValueError as error:                      # a refusal: the same for both flags?
+            return str(error)
+
+    if FULL or any(tiles(kernel, False) != tiles(kernel, True) for kernel in kernels):
         return (False, True)
     return (True,)
 
@@ -57,13 +63,21 @@ def _dtypes(capability):
     return (torch.float16, torch.float32) if capability < 80 else (torch.float16, torch.bfloat16, torch.float32)
 
 
-def record_launches(capability):
-    """Every kernel launch that attnpkg makes on a GPU of this capability: [(kernel, args, kwargs, case)]."""
+def _gpu(capability):
+    name = next(gpu for gpu, (cap, _) in TARGETS.items() if cap == capability)
+    return name, TARGETS[name][1]
+
+
+def record_launches(capability, refusals=None):
+    """Every kernel launch that attnpkg makes on a GPU of this capability: [(kernel, args, kwargs, case)].
+    A configuration that attnpkg refuses on this GPU (a ValueError) is appended to ``refusals``."""
     import torch
 
     from attnpkg import attention, fused_softmax
 
     launches, case = [], {}
+    refusals = [] if refusals is None else refusals
+    gpu_name, shared = _gpu(capability)
 
     class Recorder:
         def __init__(self, kernel):
@@ -83,6 +97,7 @@ def record_launches(capability):
     gpu = torch.device("cuda", 0)
     tiles_for = attention.tiles_for
     patches = {(attention, "launch"): Recorder, (attention, "_capability"): lambda device: divmod(capability, 10),
+               (attention, "_shared_memory"): lambda device: shared, (torch.cuda, "get_device_name"): lambda d=None: gpu_name,
                (attention, "tiles_for"): chosen_tiles,
                (fused_softmax, "softmax_forward_kernel"): Recorder(fused_softmax.softmax_forward_kernel),
                (fused_softmax, "softmax_backward_kernel"): Recorder(fused_softmax.softmax_backward_kernel)}
@@ -102,8 +117,13 @@ def record_launches(capability):
                         if layout == "strided":
                             q, k, v = (torch.randn(1, 128, 2, head_dim, dtype=dtype).transpose(1, 2)
                                        for _ in range(3))
-                        o, lse = attention.forward_impl(q, k, v, causal, head_dim ** -0.5)
-                        attention.backward_impl(torch.randn_like(o), q, k, v, o, lse, None, causal, head_dim ** -0.5)
+                        try:
+                            o, lse = attention.forward_impl(q, k, v, causal, head_dim ** -0.5)
+                            attention.backward_impl(torch.randn_like(o), q, k, v, o, lse, None, causal,
+                                                    head_dim ** -0.5)
+                        except ValueError as error:         # refused on this GPU, with a message
+                            refusals.append(dict(case, capability=capability, error=str(error)))
+                            case.pop("tiles", None)
             for n_cols in SOFTMAX_COLS:
                 case.update(dtype=str(dtype).removeprefix("torch."), head_dim=None, causal=None, layout=n_cols)
                 x = torch.randn(2, n_cols, dtype=dtype, requires_grad=True)
@@ -114,7 +134,7 @@ def record_launches(capability):
     return launches
 
 
-def compile_jobs(capability):
+def compile_jobs(capability, refusals=None):
     """The distinct compilations of the recorded launches: what Triton's own launch would compile."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
@@ -122,7 +142,7 @@ def compile_jobs(capability):
 
     backend = make_backend(GPUTarget("cuda", capability, 32))
     jobs = {}
-    for kernel, args, kwargs, case in record_launches(capability):
+    for kernel, args, kwargs, case in record_launches(capability, refusals):
         binder = create_function_from_signature(kernel.signature, kernel.params, backend)
         bound, specialization, options = binder(*args, **kwargs)
         options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
@@ -160,16 +180,21 @@ def tables_used(capability):
 
     from attnpkg import attention
     gpu, used = torch.device("cuda", 0), set()
-    saved = attention._capability
-    attention._capability = lambda device: divmod(capability, 10)
+    name, shared = _gpu(capability)
+    saved = attention._capability, attention._shared_memory, torch.cuda.get_device_name
+    attention._capability, attention._shared_memory = lambda device: divmod(capability, 10), lambda device: shared
+    torch.cuda.get_device_name = lambda device=None: name
     try:
         for kernel in attention.HOPPER_TILES:
             for dtype in _dtypes(capability):
                 for head_dim in HEAD_DIMS:
                     for causal in _causal_flags(attention.tiles_for, attention.HOPPER_TILES, dtype, head_dim):
-                        used.add((kernel, *attention.tiles_for(kernel, head_dim, dtype, gpu, causal)))
+                        try:
+                            used.add((kernel, *attention.tiles_for(kernel, head_dim, dtype, gpu, causal)))
+                        except ValueError:                  # refused on this GPU (checked by the test)
+                            pass
     finally:
-        attention._capability = saved
+        attention._capability, attention._shared_memory, torch.cuda.get_device_name = saved
     return used
 
 
@@ -177,7 +202,10 @@ def main():
     """Compile everything for every target; print one JSON line per compilation."""
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")       # Triton 3.9's default, without its warning
     import attnpkg  # noqa: F401  (after TRITON_INTERPRET=0 is set by the caller)
-    jobs = [job for capability, _ in TARGETS.values() for job in compile_jobs(capability)]
+    refusals = []
+    jobs = [job for capability, _ in TARGETS.values() for job in compile_jobs(capability, refusals)]
+    for refusal in refusals:
+        print(json.dumps(dict(refused=refusal)), flush=True)
     workers = int(os.environ.get("GPU_TARGETS_WORKERS", os.cpu_count() or 1))
     with concurrent.futures.ProcessPoolExecutor(workers) as pool:
         for job, result in zip(jobs, pool.map(compile_one, jobs)):
@@ -196,13 +224,24 @@ def compiled():
     return [json.loads(line) for line in run.stdout.splitlines()]
 
 
+@pytest.fixture(scope="module")
+def refused(compiled):
+    return [row["refused"] for row in compiled if "refused" in row]
+
+
+@pytest.fixture(scope="module")
+def compiled_only(compiled):
+    return [row for row in compiled if "refused" not in row]
+
+
 def _describe(row):
     cases = sorted({f"{c['dtype']} D={c['head_dim']} causal={c['causal']} {c['layout']}" for c in row["cases"]})
     return (f"{row['kernel']} on {next(g for g, (cap, _) in TARGETS.items() if cap == row['capability'])} "
             f"(warps {row['num_warps']}, stages {row['num_stages']}): {', '.join(cases[:4])}")
 
 
-def test_every_configuration_compiles_and_fits_in_shared_memory(compiled):
+def test_every_configuration_compiles_and_fits_in_shared_memory(compiled_only):
+    compiled = compiled_only
     limits = {cap: limit for cap, limit in TARGETS.values()}
     failures = [f"{_describe(r)}: {r['error']}" for r in compiled if r["error"]]
     too_big = [f"{_describe(r)}: {r['shared']} bytes of shared memory > {limits[r['capability']]}"
@@ -210,7 +249,8 @@ def test_every_configuration_compiles_and_fits_in_shared_memory(compiled):
     assert not failures + too_big, "\n".join(failures + too_big)
 
 
-def test_configurations_cover_kernels_targets_and_flags(compiled):
+def test_configurations_cover_kernels_targets_and_flags(compiled_only):
+    compiled = compiled_only
     kernels = {r["kernel"] for r in compiled}
     assert {"flash_forward_kernel", "flash_backward_preprocess", "flash_backward_dkdv_kernel",
             "flash_backward_dq_kernel", "softmax_forward_kernel", "softmax_backward_kernel"} <= kernels
@@ -225,6 +265,19 @@ def test_configurations_cover_kernels_targets_and_flags(compiled):
         compiled_tiles = {tuple(c["tiles"]) for r in compiled if r["capability"] == capability
                           for c in r["cases"] if "tiles" in c}
         assert tables_used(capability) == compiled_tiles, capability
+
+
+def test_refusals_name_the_gpu_and_are_needed(compiled_only, refused):
+    """Where attnpkg refuses a configuration, its message names the GPU, and the configuration it would have
+    compiled does not fit: the same kernel needs more shared memory (on a GPU with room for it) than this GPU has."""
+    for refusal in refused:
+        name, limit = _gpu(refusal["capability"])
+        assert name in refusal["error"] and "shared memory" in refusal["error"], refusal
+        need = [r["shared"] for r in compiled_only if r["kernel"] == "flash_backward_dkdv_kernel"
+                and r["capability"] != refusal["capability"] and r["constexprs"]["BLOCK_D"] == str(refusal["head_dim"])
+                and r["constexprs"]["BLOCK_N"] == "16" and any(c["dtype"] == refusal["dtype"] for c in r["cases"])]
+        assert need and min(need) > limit, (refusal, need)
+    assert len(refused) < len(compiled_only) // 10           # a refusal is an exception, not the rule
 
 
 if __name__ == "__main__":
