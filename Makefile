@@ -22,7 +22,7 @@ SUDO            := $(if $(filter 0,$(shell id -u)),,sudo)
 # Debian's TeX Live for the PDF: XeLaTeX (Unicode in cell outputs), latexmk, the LaTeX packages that Sphinx
 # and sphinx-jupyterbook-latex load, and the FreeFont and Latin Modern fonts Sphinx's XeLaTeX set-up uses.
 TEX_PACKAGES    := texlive-latex-recommended texlive-latex-extra texlive-fonts-recommended texlive-xetex \
-                   latexmk fonts-freefont-otf lmodern tex-gyre
+                   latexmk xindy fonts-freefont-otf lmodern tex-gyre
 
 .PHONY: book test pdf tex browser-test env clean
 .DELETE_ON_ERROR:
