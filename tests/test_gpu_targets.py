@@ -9,11 +9,13 @@ compares its shared memory with the limit of each target.
 
 The configurations are not listed here: they are recorded from attnpkg's own launch code.
 ``forward_impl`` and ``backward_impl`` run on CPU tensors with ``launch`` replaced by a recorder and
-the GPU's capability patched in, so each kernel is compiled with exactly the arguments, tiles
-(``tiles_for``: ``HOPPER_TILES`` on 9.0 and newer for 16-bit inputs, ``SMALL_TILES`` otherwise), warps,
-stages and flags that the launch code passes on that GPU, for each head-dim class, dtype (no bfloat16
-on 7.5, which ``flash_attention`` refuses there), causal flag and, on Hopper, with and without the
-TMA tensor descriptors. A new kernel or a new table entry is covered without a change here.
+the GPU's capability, shared memory and name patched in, so each kernel is compiled with exactly the
+arguments, tiles (``tiles_for``: ``SMALL_SMEM_TILES`` below 160 KiB of shared memory, ``HOPPER_TILES``
+on 9.0 and newer for 16-bit inputs, ``SMALL_TILES`` otherwise), warps, stages and flags that the launch
+code passes on that GPU, for each head-dim class, dtype (no bfloat16 on 7.5, which ``flash_attention``
+refuses there), causal flag and, on Hopper, with and without the TMA tensor descriptors; the softmax
+kernels likewise. A new kernel or a new table entry is covered without a change here. A configuration
+that attnpkg refuses on a GPU (a ``ValueError`` naming it) must be one that does not fit there.
 
 The compilation runs in a subprocess with ``TRITON_INTERPRET=0`` (importing attnpkg without a GPU
 switches the interpreter on, under which nothing is compiled), on all CPU cores, and uses Triton's
