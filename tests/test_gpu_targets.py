@@ -43,6 +43,11 @@ if FULL:
     HEAD_DIMS, SOFTMAX_COLS = (16, 32, 64, 96, 128, 192, 256), (16, 4096)
 
 
+def _cuda_available():
+    import torch
+    return torch.cuda.is_available()
+
+
 def _causal_flags(tiles_for, kernels, dtype, head_dim):
     """Both mask flags in the full run; else causal=True, and causal=False only where it gets other tiles.
     (Call with attention._capability patched.)"""
@@ -284,3 +289,27 @@ def test_refusals_name_the_gpu_and_are_needed(compiled_only, refused):
 
 if __name__ == "__main__":
     main()
+
+
+@pytest.mark.skipif(_cuda_available(), reason="CPU tensors through Triton's interpreter (off where a GPU is present)")
+@pytest.mark.parametrize("head_dim", [64, 128, 192])
+@pytest.mark.parametrize("causal", [False, True])
+def test_small_smem_tiles_are_exact(monkeypatch, head_dim, causal):
+    """The tiles that T4 and L4 get (16 to 64 rows) give the right attention and gradients: the kernels run with
+    them in Triton's interpreter, with Nq != Nk and lengths that are not multiples of a tile, against float64."""
+    import torch
+
+    import attnpkg
+    from accuracy import assert_flash_accuracy
+    from attnpkg import attention
+    size = 64 if head_dim <= 64 else 128 if head_dim <= 128 else 256
+    used = []
+    monkeypatch.setattr(attention, "tiles_for", lambda kernel, *args: used.append(kernel) or
+                        attention.SMALL_SMEM_TILES[size])
+    q, k, v, do = (torch.randn(1, 2, n, head_dim) for n in (37, 45, 45, 37))
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    o, lse = attnpkg.flash_attention(q, k, v, causal=causal, return_lse=True)
+    o.backward(do)
+    assert {"forward", "dkdv", "dq"} <= set(used)
+    assert_flash_accuracy({"o": o, "lse": lse, "dq": q.grad, "dk": k.grad, "dv": v.grad},
+                          q.detach(), k.detach(), v.detach(), do, causal)
