@@ -16,7 +16,7 @@ def _column_widths(table):
     for row in rows:
         for i, entry in enumerate(row.children):
             lengths[i].append(len(entry.astext()))
-    return [max(6, round(sum(col) / len(col))) if col else 6 for col in lengths]
+    return [max(9, round(sum(col) / len(col))) if col else 9 for col in lengths]
 
 
 def _longtables(app, doctree, docname):
