@@ -1,5 +1,7 @@
 # make book         : build the book into _build/html, executing every notebook (warnings are errors)
 # make test         : unit tests and every notebook through nbmake
+# make pdf          : the book as one PDF, _build/latex/attention-gradients.pdf, every chapter executed (Jupyter
+#                     Book's LaTeX builder with XeLaTeX; installs Debian's TeX Live packages when missing)
 # make browser-test : check the built book as a reader gets it: every internal link resolves, and every
 #                     page opened in headless Chromium has its equations typeset, its images loaded, its
 #                     cells' outputs and its Colab link (builds the book if it is missing or older than
@@ -17,8 +19,12 @@ CHROMIUM        ?= /usr/bin/chromium
 MATHJAX_VERSION := 3.2.2
 MATHJAX         := _build/vendor/mathjax
 SUDO            := $(if $(filter 0,$(shell id -u)),,sudo)
+# Debian's TeX Live for the PDF: XeLaTeX (Unicode in cell outputs), latexmk, the LaTeX packages that Sphinx
+# and sphinx-jupyterbook-latex load, and the FreeFont and Latin Modern fonts Sphinx's XeLaTeX set-up uses.
+TEX_PACKAGES    := texlive-latex-recommended texlive-latex-extra texlive-fonts-recommended texlive-xetex \
+                   latexmk xindy fonts-freefont-otf lmodern tex-gyre
 
-.PHONY: book test browser-test env clean
+.PHONY: book test pdf tex browser-test env clean
 .DELETE_ON_ERROR:
 
 env: $(READY)
@@ -35,6 +41,16 @@ test: $(READY)
 book: $(READY)
 	rm -rf _build/html _build/.doctrees
 	$(BIN)/jupyter-book build . --warningiserror --nitpick --keep-going
+
+pdf: $(READY) tex
+	rm -rf _build/latex
+	$(BIN)/jupyter-book build . --builder pdflatex
+	test -s _build/latex/attention-gradients.pdf
+	@echo "the book as a PDF: _build/latex/attention-gradients.pdf"
+
+tex:
+	dpkg -s $(TEX_PACKAGES) >/dev/null 2>&1 || { $(SUDO) apt-get update && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y --no-install-recommends $(TEX_PACKAGES); }
 
 $(HTML): $(READY) $(BOOK_SOURCES)
 	$(MAKE) book

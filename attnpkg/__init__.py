@@ -9,6 +9,11 @@ Public API:
     attnpkg.grads               closed-form backward passes (softmax, matmul, attention, multi-head)
     attnpkg.check               a conformance report for any attention function (python -m attnpkg.check)
     attnpkg.exercises           the checkers of the book's exercises
+    attnpkg.notebook            setup() and show_source() for the book's chapters
+    attnpkg.bench               python -m attnpkg.bench: the benchmark against torch's SDPA backends
+
+Shapes are SDPA's ``(batch, heads, seq, head_dim)``; rows are tokens and ``Y = X W``. The book's
+page "API reference" documents each of them.
 
 On a machine without a CUDA GPU the Triton kernels run on CPU tensors through Triton's
 interpreter. It must be switched on before any kernel is defined, so it is done here, on import.

@@ -68,8 +68,15 @@ HOPPER_TILES = {
            (128, False): _T(128, 128, 8, 2), (128, True): _T(128, 128, 8, 2),
            (256, False): _T(64, 32, 8, 2), (256, True): _T(64, 32, 8, 2)},
 }
-# Other GPUs (and fp32 inputs, whose tiles take twice the shared memory): smaller tiles that fit anywhere.
+# Other GPUs (and fp32 inputs, whose tiles take twice the shared memory): smaller tiles that fit in the A100's
+# 163 KiB of shared memory per block.
 SMALL_TILES = {64: _T(64, 64, 4, 2), 128: _T(64, 32, 4, 2), 256: _T(32, 32, 4, 1)}
+# GPUs with less shared memory per block (Colab's T4: 64 KiB, L4: 99 KiB; most consumer GPUs): tiles that fit in
+# 64 KiB in every dtype, except the float32 dK/dV kernel at head dims above 128 (65 KiB), which a T4 refuses.
+# tests/test_gpu_targets.py compiles every configuration for each of Colab's GPUs and checks these limits.
+SMALL_SMEM_TILES = {64: _T(32, 64, 4, 1), 128: _T(32, 16, 4, 1), 256: _T(16, 16, 4, 1)}
+SMALL_SMEM = 160 * 1024                  # below this many bytes per block, SMALL_SMEM_TILES
+FP32_DKDV_256_SMEM = 65 * 1024           # what the float32 dK/dV kernel needs at head dims 129-256
 INTERPRETER_TILES = _T(32, 32, 4, 1)     # one program at a time on the CPU: any tile is exact
 
 
@@ -78,6 +85,15 @@ def tiles_for(kernel: str, block_d: int, dtype: torch.dtype, device: torch.devic
     if device.type != "cuda":
         return INTERPRETER_TILES
     size = 64 if block_d <= 64 else 128 if block_d <= 128 else 256
+    shared = _shared_memory(device)
+    if shared < SMALL_SMEM:
+        if kernel == "dkdv" and size == 256 and dtype == torch.float32 and shared < FP32_DKDV_256_SMEM:
+            major, minor = _capability(device)
+            raise ValueError(f"flash_attention: the float32 backward pass for head_dim > 128 needs "
+                             f"{FP32_DKDV_256_SMEM // 1024} KiB of shared memory per block, and "
+                             f"{torch.cuda.get_device_name(device)} (compute capability {major}.{minor}) has "
+                             f"{shared // 1024} KiB: use float16, or head_dim <= 128")
+        return SMALL_SMEM_TILES[size]
     if dtype != torch.float32 and _capability(device) >= (9, 0):
         return HOPPER_TILES[kernel][(size, causal)]
     return SMALL_TILES[size]
@@ -90,6 +106,16 @@ def _device_capability(index: int) -> tuple[int, int]:
 
 def _capability(device: torch.device) -> tuple[int, int]:
     return _device_capability(device.index if device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _device_shared_memory(index: int) -> int:
+    return torch.cuda.get_device_properties(index).shared_memory_per_block_optin
+
+
+def _shared_memory(device: torch.device) -> int:
+    """The most shared memory one block may use on this GPU (opt-in), in bytes."""
+    return _device_shared_memory(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def _kv_descriptors(k, v, t: Tiles, block_d: int):

@@ -57,8 +57,14 @@ def softmax(x):
     Args:
         x: a tensor of float16, bfloat16 or float32, any shape with at least one dimension;
             on a CUDA GPU, or on the CPU through Triton's interpreter when no GPU is present.
+
     Returns:
-        ``p`` with the shape and dtype of ``x`` (computed in float32).
+        ``p`` with the shape and dtype of ``x`` (computed in float32). Rows of any length are
+        swept in tiles of at most 4096 entries (1024 in the interpreter).
+
+    Raises:
+        TypeError: if ``x`` is not a tensor, or its dtype is not float16, bfloat16 or float32.
+        ValueError: if ``x`` is a scalar, or on a device other than CUDA or (without a GPU) the CPU.
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"softmax: x must be a torch.Tensor, got {type(x).__name__}")

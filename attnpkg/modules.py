@@ -25,11 +25,19 @@ class MultiHeadAttention(nn.Module):
         d_head: width of each head (the kernel needs one width for queries, keys and values);
             ``d_model // n_heads`` by default.
         causal: mask future keys (bottom-right aligned, see :func:`attnpkg.flash_attention`).
-        device, dtype: of the parameters.
+        device: where the parameters live (a CUDA GPU, or the CPU through Triton's interpreter).
+        dtype: of the parameters: float16, bfloat16 or float32, the dtypes of
+            :func:`attnpkg.flash_attention`.
 
     ``forward(x_q, x_k=None, x_v=None)`` takes ``(B, N, d_model)`` inputs: ``x_k`` defaults to
-    ``x_q`` (self-attention) and ``x_v`` to ``x_k`` (cross-attention over one memory, ``x_k``); ``x_v`` without
-    ``x_k`` is an error.
+    ``x_q`` (self-attention) and ``x_v`` to ``x_k`` (cross-attention over one memory, ``x_k``); ``x_v``
+    without ``x_k`` is an error.
+
+    Raises:
+        ValueError: if ``d_model // n_heads`` is 0 and no ``d_head`` is given.
+
+    Its input errors (dtype, device, a head width over 256) are those of
+    :func:`attnpkg.flash_attention`.
     """
 
     def __init__(self, d_model, n_heads, d_head=None, *, causal=False, device=None, dtype=None):
@@ -46,11 +54,25 @@ class MultiHeadAttention(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self):
+        """Draw every weight uniformly from ``[-1/sqrt(fan_in), 1/sqrt(fan_in)]``, fan-in being its number of rows."""
         for w in (self.w_q, self.w_k, self.w_v, self.w_o):
             bound = 1.0 / math.sqrt(w.shape[0])      # fan-in: the rows of Y = X W
             nn.init.uniform_(w, -bound, bound)
 
     def forward(self, x_q, x_k=None, x_v=None):
+        """Multi-head attention of ``x_q`` over ``x_k``, ``x_v``.
+
+        Args:
+            x_q: ``(B, Nq, d_model)``.
+            x_k: ``(B, Nk, d_model)``; ``x_q`` by default (self-attention).
+            x_v: ``(B, Nk, d_model)``; ``x_k`` by default.
+
+        Returns:
+            ``Y`` of shape ``(B, Nq, d_model)``, differentiable in the inputs and the weights.
+
+        Raises:
+            ValueError: if ``x_v`` is given without ``x_k``.
+        """
         if x_k is None and x_v is not None:
             raise ValueError("MultiHeadAttention: x_v given without x_k; pass x_k too (x_v defaults to x_k, "
                              "not the other way round)")

@@ -14,19 +14,39 @@ from dataclasses import dataclass
 import torch
 
 
+__all__ = ["Runtime", "setup", "show_source"]
+
+
 @dataclass(frozen=True)
 class Runtime:
-    device: torch.device    # where the kernels run
-    dtype: torch.dtype      # the half-precision type the kernels are shown in
-    interpreted: bool       # True when Triton's interpreter runs the kernels on the CPU
+    """What :func:`setup` found: where the chapter's kernels run and in which precision.
+
+    Attributes:
+        device: the CUDA GPU when there is one, else the CPU.
+        dtype: the half-precision type the kernels are shown in: ``torch.bfloat16`` on GPUs of
+            compute capability 8.0 and newer, ``torch.float16`` on older ones and on the CPU.
+        interpreted: True when Triton's interpreter runs the kernels on the CPU.
+    """
+
+    device: torch.device
+    dtype: torch.dtype
+    interpreted: bool
 
     @property
     def on_gpu(self) -> bool:
+        """Whether the kernels run on a CUDA GPU."""
         return self.device.type == "cuda"
 
 
 def setup(verbose: bool = True) -> Runtime:
-    """Pick the device and kernel dtype for this machine and print the versions in use."""
+    """Pick the device and kernel dtype for this machine and print the versions in use.
+
+    Args:
+        verbose: print the versions of attnpkg, torch, triton and Python, and the device.
+
+    Returns:
+        A :class:`Runtime`.
+    """
     import triton
 
     import attnpkg
@@ -49,6 +69,12 @@ def show_source(obj):
     """Display the source code of an attnpkg module, class, function or Triton kernel as it ships.
 
     The chapters call this instead of pasting code, so the book always shows the package's code.
+
+    Args:
+        obj: anything ``inspect.getsource`` accepts, or a ``@triton.jit`` kernel.
+
+    Returns:
+        An ``IPython.display.Code`` object, which a notebook shows with syntax highlighting.
     """
     import inspect
 

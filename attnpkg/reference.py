@@ -20,7 +20,17 @@ def causal_mask(n_q, n_k, device=None):
     """Boolean ``(n_q, n_k)`` mask, True where query ``i`` may see key ``j``.
 
     Aligned bottom-right: query ``i`` sees keys ``j <= i + n_k - n_q``, so the last query sees
-    every key. With ``n_q > n_k`` the first ``n_q - n_k`` queries see no key at all.
+    every key. With ``n_q > n_k`` the first ``n_q - n_k`` queries see no key at all. (SDPA's
+    ``is_causal=True`` aligns top-left instead; the two agree when ``n_q == n_k``.)
+
+    Args:
+        n_q: number of queries.
+        n_k: number of keys.
+        device: where to create the mask (the CPU by default).
+
+    Returns:
+        A ``torch.bool`` tensor of shape ``(n_q, n_k)``. PyTorch's ``attn_mask`` of SDPA takes it as
+        it is (True = may attend); ``nn.MultiheadAttention`` wants its negation.
     """
     i = torch.arange(n_q, device=device)[:, None]
     j = torch.arange(n_k, device=device)[None, :]
@@ -32,6 +42,17 @@ def expand_kv_heads(q, k, v):
 
     Query head ``h`` uses key/value head ``h // G``, as in flash-attn and SDPA's ``enable_gqa``.
     Inputs whose head counts already agree (or that have fewer than three dimensions) pass through.
+
+    Args:
+        q: queries ``(..., Hq, Nq, d_k)``; only its number of heads is read.
+        k: keys ``(..., Hkv, Nk, d_k)``.
+        v: values ``(..., Hkv, Nk, d_v)``.
+
+    Returns:
+        ``(k, v)`` with ``Hq`` heads each (the same tensors if nothing needs repeating).
+
+    Raises:
+        ValueError: if ``Hq`` is not a multiple of ``Hkv``.
     """
     if q.dim() < 3 or q.shape[-3] == k.shape[-3]:
         return k, v
@@ -43,7 +64,17 @@ def expand_kv_heads(q, k, v):
 
 
 def scores(q, k, *, causal=False, scale=None):
-    """The logits ``S = scale * Q K^T``, with ``-inf`` where the causal mask hides a key."""
+    """The logits ``S = scale * Q K^T``, with ``-inf`` where the causal mask hides a key.
+
+    Args:
+        q: queries ``(..., Nq, d_k)``, any floating dtype (float64 for reference results).
+        k: keys ``(..., Nk, d_k)``, with the same leading dimensions as ``q``.
+        causal: set the logits of hidden keys to ``-inf`` (bottom-right aligned, :func:`causal_mask`).
+        scale: multiplies ``Q K^T``; ``1/sqrt(d_k)`` by default.
+
+    Returns:
+        ``S`` of shape ``(..., Nq, Nk)`` in the dtype of ``q``.
+    """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     s = scale * (q @ k.transpose(-2, -1))
     if causal:
@@ -61,12 +92,20 @@ def _masked_softmax(s):
 
 
 def probabilities(q, k, *, causal=False, scale=None):
-    """The attention matrix ``P = softmax(S)`` (row-wise), with ``S`` from :func:`scores`."""
+    """The attention matrix ``P = softmax(S)`` (row-wise), with ``S`` from :func:`scores`.
+
+    Takes the arguments of :func:`scores`. Returns ``P`` of shape ``(..., Nq, Nk)``, whose rows sum
+    to 1; the row of a query that sees no key is all zeros (not NaN).
+    """
     return _masked_softmax(scores(q, k, causal=causal, scale=scale))[0]
 
 
 def attention(q, k, v, *, causal=False, scale=None, return_lse=False):
     """Softmax attention ``O = softmax(scale * Q K^T) V``, computed with the full score matrix.
+
+    Plain PyTorch, differentiable by autograd, in any floating dtype (the book uses float64) and on
+    any device; it builds the ``(Nq, Nk)`` matrices ``S`` and ``P``, so it is for checking, not for
+    long sequences.
 
     Args:
         q: queries ``(..., Nq, d_k)``; in 4-D SDPA layout ``(B, Hq, Nq, d_k)``.
@@ -76,7 +115,12 @@ def attention(q, k, v, *, causal=False, scale=None, return_lse=False):
         scale: multiplies the logits; ``1/sqrt(d_k)`` by default.
         return_lse: also return the row log-sum-exp ``log sum_j exp(S_ij)`` (natural log).
 
-    A query row that sees no key outputs zeros and has lse ``-inf``; no NaN is produced.
+    Returns:
+        ``O`` of shape ``(..., Nq, d_v)``, and with ``return_lse`` the log-sum-exp ``(..., Nq)``.
+        A query row that sees no key outputs zeros and has lse ``-inf``; no NaN is produced.
+
+    Raises:
+        ValueError: if grouped-query heads do not divide (see :func:`expand_kv_heads`).
     """
     k, v = expand_kv_heads(q, k, v)
     p, lse = _masked_softmax(scores(q, k, causal=causal, scale=scale))
@@ -85,13 +129,28 @@ def attention(q, k, v, *, causal=False, scale=None, return_lse=False):
 
 
 def split_heads(x, n_heads):
-    """``(..., N, H*d) -> (..., H, N, d)``: head ``h`` takes columns ``h*d:(h+1)*d``."""
+    """``(..., N, H*d) -> (..., H, N, d)``: head ``h`` takes columns ``h*d:(h+1)*d``.
+
+    Args:
+        x: a projection such as ``X W^Q``, ``(..., N, H*d)``.
+        n_heads: ``H``; it must divide the last dimension.
+
+    Returns:
+        A view of shape ``(..., H, N, d)``, the SDPA layout.
+    """
     *lead, n, hd = x.shape
     return x.reshape(*lead, n, n_heads, hd // n_heads).transpose(-3, -2)
 
 
 def merge_heads(x):
-    """``(..., H, N, d) -> (..., N, H*d)``: the inverse of :func:`split_heads` (Concat of the heads)."""
+    """``(..., H, N, d) -> (..., N, H*d)``: the inverse of :func:`split_heads` (Concat of the heads).
+
+    Args:
+        x: per-head tensors ``(..., H, N, d)``.
+
+    Returns:
+        ``Concat(head_1, ..., head_H)`` of shape ``(..., N, H*d)``.
+    """
     *lead, h, n, d = x.shape
     return x.transpose(-3, -2).reshape(*lead, n, h * d)
 
@@ -100,11 +159,18 @@ def multihead_attention(x_q, x_k, x_v, w_q, w_k, w_v, w_o, n_heads, *, causal=Fa
     """Multi-head attention ``Y = Concat(head_1, ..., head_H) W^O`` with ``head_h = Attention(X_q W^Q_h, X_k W^K_h, X_v W^V_h)``.
 
     Args:
-        x_q: ``(..., Nq, d_model)``; x_k, x_v: ``(..., Nk, d_model)`` (pass one tensor three times for self-attention).
-        w_q, w_k: ``(d_model, H*d_k)``; w_v: ``(d_model, H*d_v)``; w_o: ``(H*d_v, d_model)``.
+        x_q: query inputs ``(..., Nq, d_model)``.
+        x_k: key inputs ``(..., Nk, d_model)`` (pass one tensor three times for self-attention).
+        x_v: value inputs ``(..., Nk, d_model)``.
+        w_q: ``(d_model, H*d_k)``; head ``h`` owns columns ``h*d_k:(h+1)*d_k``.
+        w_k: ``(d_model, H*d_k)``.
+        w_v: ``(d_model, H*d_v)``.
+        w_o: ``(H*d_v, d_model)``; head ``h`` owns rows ``h*d_v:(h+1)*d_v``.
         n_heads: ``H``. The logits are scaled by ``1/sqrt(d_k)``.
+        causal: bottom-right aligned causal mask in every head (:func:`causal_mask`).
 
-    Returns ``Y`` of shape ``(..., Nq, d_model)``.
+    Returns:
+        ``Y`` of shape ``(..., Nq, d_model)``.
     """
     q = split_heads(x_q @ w_q, n_heads)
     k = split_heads(x_k @ w_k, n_heads)
