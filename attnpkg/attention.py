@@ -180,6 +180,12 @@ def _mask_args(q, k, mask: Mask):
     return pointers, numbers, flags, banded, longest_first
 
 
+def _strides(packed: bool, *tensors):
+    """The strides the kernels take, in order. Packed: the batch stride is 0, since the batch axis of the
+    launch grid indexes sequences, whose offsets come from the prefix sums instead."""
+    return [s for x in tensors for s in ((0, *x.stride()[1:]) if packed else x.stride())]
+
+
 def _batch_programs(q, mask: Mask) -> int:
     return (mask.cu_q.shape[0] - 1) if mask.cu_q is not None else q.shape[0]
 
@@ -204,7 +210,7 @@ def forward_impl(q, k, v, causal, scale: float):
     with _on_device_of(q):
         # One grid axis (tiles fastest): CUDA allows 2^31 - 1 programs there, 65535 on the others.
         launch(flash_forward_kernel)[(_cdiv(numbers[0], t.own) * _batch_programs(q, mask) * n_heads,)](
-            q, k, v, o, lse, *(descriptors or (k, v)), *pointers, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
+            q, k, v, o, lse, *(descriptors or (k, v)), *pointers, *_strides(flags["VARLEN"], q, k, v, o),
             n_heads, *numbers[:3], scale * LOG2E, *numbers[3:],
             GROUP=n_heads // n_kv_heads, LONGEST_FIRST=longest_first, **flags, BLOCK_M=t.own, BLOCK_N=t.streamed,
             WARP_SPECIALIZE=t.warp_specialize, USE_TMA=descriptors is not None, INT64=_needs_int64(q, k, v, o),
@@ -267,16 +273,14 @@ def backward_impl(do, q, k, v, o, lse, dlse, causal, scale: float, deterministic
         t = tiles_for("fused" if fuse else "dkdv", meta["BLOCK_D"], q.dtype, q.device, banded)
         launch(flash_backward_dkdv_kernel)[(_cdiv(numbers[1], t.own) * programs,)](
             q, k, v, do, lse2, delta, dk_part, dv_part, dq_acc, *pointers,
-            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk_part.stride(), *dv_part.stride(),
-            *dq_acc.stride(), n_heads, *numbers[:3], scale * LOG2E, scale, *numbers[3:], GROUP=group, **flags,
+            *_strides(packed, q, k, v, do, dk_part, dv_part, dq_acc), n_heads, *numbers[:3], scale * LOG2E, scale, *numbers[3:], GROUP=group, **flags,
             FUSE_DQ=fuse, BLOCK_N=t.own, BLOCK_M=t.streamed, INT64=wide,
             num_warps=t.num_warps, num_stages=t.num_stages, **meta)
         if not fuse:
             # dQ: one program owns a tile of queries; tiles of keys stream past it.
             t = tiles_for("dq", meta["BLOCK_D"], q.dtype, q.device, banded)
             launch(flash_backward_dq_kernel)[(_cdiv(numbers[0], t.own) * programs,)](
-                q, k, v, do, lse2, delta, dq, *pointers,
-                *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+                q, k, v, do, lse2, delta, dq, *pointers, *_strides(packed, q, k, v, do, dq),
                 n_heads, *numbers[:3], scale * LOG2E, scale, *numbers[3:], GROUP=group,
                 LONGEST_FIRST=longest_first, **flags,
                 BLOCK_M=t.own, BLOCK_N=t.streamed, INT64=wide, num_warps=t.num_warps, num_stages=t.num_stages, **meta)

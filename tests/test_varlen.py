@@ -93,7 +93,7 @@ def cu(values):
     (dict(cu_q=cu([0, 7, 4, 10])), "cu_seqlens_q must be non-decreasing"),
     (dict(cu_k=cu([0, 4, 9])), r"last entry of cu_seqlens_k \(9\) must equal the number of packed rows \(10\)"),
     (dict(cu_q=cu([1, 4, 10])), "cu_seqlens_q must start at 0"),
-    (dict(cu_k=cu([0, 10])), "cu_seqlens_q and cu_seqlens_k must have the same length"),
+    (dict(cu_k=cu([0, 10]), max_k=10), "cu_seqlens_q and cu_seqlens_k must have the same length"),
     (dict(cu_q=cu([[0, 4, 10]])), "cu_seqlens_q must be 1-D"),
     (dict(max_q=5), r"has length 6 > max_seqlen 5"),
     (dict(max_k=-1), "max_seqlen for cu_seqlens_k must be an int >= 0"),

@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from ..masks import key_tiles, query_tiles, visible
-from .tiles import load_tile, round_to, score_transform, sequence_bounds, tile_and_head, wide_arange
+from .tiles import load_tile, round_to, score_transform, sequence_bounds, tanh, tile_and_head, wide_arange
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -63,8 +63,7 @@ def _probabilities(qk, lse2, qi, kj, n_k, diag, qk_scale, left, right, cap2, slo
     s = qk * qk_scale
     dcap = 1.0
     if SOFTCAP:
-        t = s / cap2
-        t = 1.0 - 2.0 / (tl.math.exp2(t * 2.8853900817779268) + 1.0)         # tanh(s / c), as the forward
+        t = tanh(s / cap2)                                  # as the forward computes it
         dcap = 1.0 - t * t
     s = score_transform(s, qi, kj, diag, cap2, slope2, SOFTCAP, ALIBI)
     if MASKED:

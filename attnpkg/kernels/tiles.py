@@ -77,8 +77,10 @@ def sequence_bounds(off_b, n_q, n_k, CU_Q, CU_K, VARLEN: tl.constexpr):
 @triton.jit
 def tanh(x):
     """tanh from exp2, the one transcendental the kernels already use (also in the interpreter):
-    1 - 2 / (e^(2x) + 1), which goes to +-1 without overflow trouble (2 / inf = 0)."""
-    return 1.0 - 2.0 / (tl.math.exp2(x * 2.8853900817779268) + 1.0)     # 2 log2(e)
+    tanh|x| = (1 - e) / (1 + e) with e = e^(-2|x|) in (0, 1], which cannot overflow."""
+    e = tl.math.exp2(tl.abs(x) * -2.8853900817779268)                  # 2 log2(e)
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
 
 
 @triton.jit
