@@ -68,6 +68,9 @@ def sequence_bounds(off_b, n_q, n_k, CU_Q, CU_K, VARLEN: tl.constexpr):
         k0 = tl.load(CU_K + off_b)
         n_q = tl.load(CU_Q + off_b + 1) - q0
         n_k = tl.load(CU_K + off_b + 1) - k0
+        # The first rows in 64 bits: a row times a row stride of a long packed tensor can pass 2^31.
+        q0 = q0.to(tl.int64)
+        k0 = k0.to(tl.int64)
     else:
         q0 = 0
         k0 = 0
