@@ -186,10 +186,6 @@ def _strides(packed: bool, *tensors):
     return [s for x in tensors for s in ((0, *x.stride()[1:]) if packed else x.stride())]
 
 
-def _batch_programs(q, mask: Mask) -> int:
-    return (mask.cu_q.shape[0] - 1) if mask.cu_q is not None else q.shape[0]
-
-
 def forward_impl(q, k, v, causal, scale: float):
     """Run the forward kernel: returns (o, lse). ``causal``: a bool or a :class:`Mask`. Inputs are
     assumed valid (see flash_attention)."""
@@ -207,9 +203,11 @@ def forward_impl(q, k, v, causal, scale: float):
     t = tiles_for("forward", meta["BLOCK_D"], q.dtype, q.device, banded)
     # Packed sequences: the rows of a sequence are not one evenly strided block per head, so no TMA.
     descriptors = None if flags["VARLEN"] else _kv_descriptors(k, v, t, meta["BLOCK_D"])
+    if flags["VARLEN"]:                  # the grid spans the longest sequence, for each sequence of the batch
+        batch, n_q = mask.cu_q.shape[0] - 1, mask.max_q
     with _on_device_of(q):
         # One grid axis (tiles fastest): CUDA allows 2^31 - 1 programs there, 65535 on the others.
-        launch(flash_forward_kernel)[(_cdiv(numbers[0], t.own) * _batch_programs(q, mask) * n_heads,)](
+        launch(flash_forward_kernel)[(_cdiv(n_q, t.own) * batch * n_heads,)](
             q, k, v, o, lse, *(descriptors or (k, v)), *pointers, *_strides(flags["VARLEN"], q, k, v, o),
             n_heads, *numbers[:3], scale * LOG2E, *numbers[3:],
             GROUP=n_heads // n_kv_heads, LONGEST_FIRST=longest_first, **flags, BLOCK_M=t.own, BLOCK_N=t.streamed,
@@ -262,7 +260,8 @@ def backward_impl(do, q, k, v, o, lse, dlse, causal, scale: float, deterministic
     lse2 = torch.empty_like(delta)
     rows = 32 if _interpreting() else 64
     pointers, numbers, flags, banded, longest_first = _mask_args(q, k, mask)
-    programs = _batch_programs(q, mask) * n_heads
+    # Packed sequences: the grids span the longest sequences, for each sequence of the batch.
+    grid_q, grid_k, sequences = (mask.max_q, mask.max_k, mask.cu_q.shape[0] - 1) if packed else (n_q, n_k, batch)
     with _on_device_of(q):
         # Packed sequences are rows of one (1, H, total) batch here: the preprocess needs no offsets.
         launch(flash_backward_preprocess)[(_cdiv(n_q, rows) * batch * n_heads,)](
@@ -271,7 +270,7 @@ def backward_impl(do, q, k, v, o, lse, dlse, causal, scale: float, deterministic
             HEAD_DIM=head_dim, BLOCK_D=meta["BLOCK_D"], BLOCK_M=rows, HAS_DLSE=dlse is not None, INT64=wide)
         # dK/dV (and dQ by atomics): one program owns a tile of keys and a query head; query tiles stream past it.
         t = tiles_for("fused" if fuse else "dkdv", meta["BLOCK_D"], q.dtype, q.device, banded)
-        launch(flash_backward_dkdv_kernel)[(_cdiv(numbers[1], t.own) * programs,)](
+        launch(flash_backward_dkdv_kernel)[(_cdiv(grid_k, t.own) * sequences * n_heads,)](
             q, k, v, do, lse2, delta, dk_part, dv_part, dq_acc, *pointers,
             *_strides(packed, q, k, v, do, dk_part, dv_part, dq_acc), n_heads, *numbers[:3], scale * LOG2E, scale, *numbers[3:], GROUP=group, **flags,
             FUSE_DQ=fuse, BLOCK_N=t.own, BLOCK_M=t.streamed, INT64=wide,
@@ -279,7 +278,7 @@ def backward_impl(do, q, k, v, o, lse, dlse, causal, scale: float, deterministic
         if not fuse:
             # dQ: one program owns a tile of queries; tiles of keys stream past it.
             t = tiles_for("dq", meta["BLOCK_D"], q.dtype, q.device, banded)
-            launch(flash_backward_dq_kernel)[(_cdiv(numbers[0], t.own) * programs,)](
+            launch(flash_backward_dq_kernel)[(_cdiv(grid_q, t.own) * sequences * n_heads,)](
                 q, k, v, do, lse2, delta, dq, *pointers, *_strides(packed, q, k, v, do, dq),
                 n_heads, *numbers[:3], scale * LOG2E, scale, *numbers[3:], GROUP=group,
                 LONGEST_FIRST=longest_first, **flags,

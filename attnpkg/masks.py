@@ -15,9 +15,9 @@ The same ``@triton.jit`` functions serve the forward kernel, both backward kerne
 book's figures (through :func:`tile_schedule`, which evaluates them for every tile):
 
 - :func:`key_tiles`: for a query tile, the key tiles it visits, ``[start, stop)``, and among
-  them ``[full_lo, full_hi)``, the tiles every row sees in full (no mask arithmetic). The
-  kernels run three loops: masked ``[start, full_lo)``, full ``[full_lo, full_hi)``, masked
-  ``[full_hi, stop)``.
+  them ``[full_start, full_end)``, the tiles every row sees in full (no mask arithmetic). The
+  kernels run three loops: masked ``[start, full_start)``, full ``[full_start, full_end)``, masked
+  ``[full_end, stop)``.
 - :func:`query_tiles`: the mirror, for a key tile (the dK/dV kernel).
 - :func:`visible`: the element mask used in every masked loop.
 """
@@ -40,23 +40,23 @@ def visible(qi, kj, n_k, diag, left, right):
 
 @triton.jit
 def key_tiles(start_m, n_q, n_k, left, right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Key tiles visited by the query tile ``[start_m, start_m + BLOCK_M)``: ``(start, full_lo, full_hi, stop)``.
+    """Key tiles visited by the query tile ``[start_m, start_m + BLOCK_M)``: ``(start, full_start, full_end, stop)``.
 
-    Tiles ``[start, stop)`` hold every key some row of the tile sees; tiles ``[full_lo, full_hi)``
+    Tiles ``[start, stop)`` hold every key some row of the tile sees; tiles ``[full_start, full_end)``
     (multiples of BLOCK_N) are seen in full by every row below ``n_q``. Without a full tile,
-    ``full_lo = full_hi = stop`` (everything is masked). ``stop <= start`` means no key at all."""
+    ``full_start = full_end = stop`` (everything is masked). ``stop <= start`` means no key at all."""
     diag = n_k - n_q
     last = tl.minimum(start_m + BLOCK_M, n_q) - 1            # the last real row of the tile
     start = tl.maximum(start_m + diag - left, 0) // BLOCK_N * BLOCK_N
     stop = tl.minimum(last + diag + right + 1, n_k)
     # Full: the first key is at or after the band's left edge of the last row, the last key at or
     # before the band's right edge of the first row, and the tile lies inside [0, Nk).
-    full_lo = tl.cdiv(tl.maximum(last + diag - left, 0), BLOCK_N) * BLOCK_N
-    full_hi = tl.maximum(tl.minimum(start_m + diag + right + 1, n_k), 0) // BLOCK_N * BLOCK_N
-    none = full_hi <= full_lo
-    full_lo = tl.where(none, stop, full_lo)
-    full_hi = tl.where(none, stop, full_hi)
-    return start, full_lo, full_hi, stop
+    full_start = tl.cdiv(tl.maximum(last + diag - left, 0), BLOCK_N) * BLOCK_N
+    full_end = tl.maximum(tl.minimum(start_m + diag + right + 1, n_k), 0) // BLOCK_N * BLOCK_N
+    none = full_end <= full_start
+    full_start = tl.where(none, stop, full_start)
+    full_end = tl.where(none, stop, full_end)
+    return start, full_start, full_end, stop
 
 
 @triton.jit
@@ -64,19 +64,19 @@ def query_tiles(start_n, n_q, n_k, left, right, BLOCK_N: tl.constexpr, BLOCK_M: 
     """The mirror of :func:`key_tiles`: query tiles that see the key tile ``[start_n, start_n + BLOCK_N)``.
 
     Query ``i`` sees key ``j`` iff ``j - diag - right <= i <= j - diag + left``. Tiles
-    ``[full_lo, full_hi)`` see every key of the tile (rows past ``n_q`` contribute nothing: the
+    ``[full_start, full_end)`` see every key of the tile (rows past ``n_q`` contribute nothing: the
     backward gives them P = 0); a key tile that runs past ``n_k`` is never full."""
     diag = n_k - n_q
     last = tl.minimum(start_n + BLOCK_N, n_k) - 1
     start = tl.maximum(start_n - diag - right, 0) // BLOCK_M * BLOCK_M
     stop = tl.minimum(last - diag + left + 1, n_q)
-    full_lo = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - diag - right, 0), BLOCK_M) * BLOCK_M
+    full_start = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - diag - right, 0), BLOCK_M) * BLOCK_M
     first_blind = start_n - diag + left + 1                  # rows from here on miss key start_n
-    full_hi = tl.where(first_blind >= n_q, stop, tl.maximum(first_blind, 0) // BLOCK_M * BLOCK_M)
-    none = (full_hi <= full_lo) | (start_n + BLOCK_N > n_k)
-    full_lo = tl.where(none, stop, full_lo)
-    full_hi = tl.where(none, stop, full_hi)
-    return start, full_lo, full_hi, stop
+    full_end = tl.where(first_blind >= n_q, stop, tl.maximum(first_blind, 0) // BLOCK_M * BLOCK_M)
+    none = (full_end <= full_start) | (start_n + BLOCK_N > n_k)
+    full_start = tl.where(none, stop, full_start)
+    full_end = tl.where(none, stop, full_end)
+    return start, full_start, full_end, stop
 
 
 @triton.jit
@@ -84,12 +84,12 @@ def _tile_schedule_kernel(OUT, n_q, n_k, left, right, BY_KEY: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     tile = tl.program_id(0)
     if BY_KEY:
-        start, full_lo, full_hi, stop = query_tiles(tile * BLOCK_N, n_q, n_k, left, right, BLOCK_N, BLOCK_M)
+        start, full_start, full_end, stop = query_tiles(tile * BLOCK_N, n_q, n_k, left, right, BLOCK_N, BLOCK_M)
     else:
-        start, full_lo, full_hi, stop = key_tiles(tile * BLOCK_M, n_q, n_k, left, right, BLOCK_M, BLOCK_N)
+        start, full_start, full_end, stop = key_tiles(tile * BLOCK_M, n_q, n_k, left, right, BLOCK_M, BLOCK_N)
     tl.store(OUT + tile * 4 + 0, start)
-    tl.store(OUT + tile * 4 + 1, full_lo)
-    tl.store(OUT + tile * 4 + 2, full_hi)
+    tl.store(OUT + tile * 4 + 1, full_start)
+    tl.store(OUT + tile * 4 + 2, full_end)
     tl.store(OUT + tile * 4 + 3, stop)
 
 
@@ -107,7 +107,7 @@ def window_bounds(window_size=(-1, -1), causal=False, n_q=0, n_k=0):
 def tile_schedule(n_q, n_k, block_m, block_n, *, window_size=(-1, -1), causal=False, by="query", device=None):
     """Evaluate the kernels' own schedule functions for every tile.
 
-    ``by="query"``: one row per query tile, ``(start, full_lo, full_hi, stop)`` in key positions
+    ``by="query"``: one row per query tile, ``(start, full_start, full_end, stop)`` in key positions
     (:func:`key_tiles`, what the forward and dQ kernels run); ``by="key"``: one row per key tile
     in query positions (:func:`query_tiles`, the dK/dV kernel). Returns an int32 tensor ``(tiles, 4)``
     (on ``device``: the CPU runs Triton's interpreter)."""
@@ -132,8 +132,8 @@ def tile_classes(n_q, n_k, block_m, block_n, *, window_size=(-1, -1), causal=Fal
     own, other = (block_n, block_m) if by == "key" else (block_m, block_n)
     n_other = -(-(n_q if by == "key" else n_k) // other)
     first = torch.arange(n_other)[None, :] * other                 # first position of each tile visited
-    start, full_lo, full_hi, stop = (s[:, i:i + 1] for i in range(4))
+    start, full_start, full_end, stop = (s[:, i:i + 1] for i in range(4))
     visited = (first >= start) & (first < stop)
-    full = (first >= full_lo) & (first < full_hi)
+    full = (first >= full_start) & (first < full_end)
     classes = torch.where(full, FULL, torch.where(visited, PARTIAL, EMPTY))
     return classes.T.contiguous() if by == "key" else classes

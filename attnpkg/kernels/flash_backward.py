@@ -155,11 +155,11 @@ def flash_backward_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, DQ, CU_Q, CU_K,
     if ALIBI:
         slope2 = tl.load(SLOPES + off_b * n_heads + off_h) * LOG2E
 
-    # Query tiles [start, full_lo) and [full_hi, stop) see part of this key tile (masked); tiles
-    # [full_lo, full_hi) see all of it; the others see none of it and are skipped. A ragged last key
+    # Query tiles [start, full_start) and [full_end, stop) see part of this key tile (masked); tiles
+    # [full_start, full_end) see all of it; the others see none of it and are skipped. A ragged last key
     # tile is masked against every query tile.
     diag = n_k - n_q
-    start, full_lo, full_hi, stop = query_tiles(start_n, n_q, n_k, left, right, BLOCK_N, BLOCK_M)
+    start, full_start, full_end, stop = query_tiles(start_n, n_q, n_k, left, right, BLOCK_N, BLOCK_M)
     if VARLEN:
         row0 = off_h * lse_head_stride + q0
     else:
@@ -168,15 +168,15 @@ def flash_backward_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, DQ, CU_Q, CU_K,
     do_base = DO + off_b * stride_dob + off_h * stride_doh + q0 * stride_dom + offs_d[None, :] * stride_dod
     dq_base = DQ + off_b * stride_dqb + off_h * stride_dqh + q0 * stride_dqm + offs_d[None, :] * stride_dqd
     dk, dv = _dkdv_from_query_tiles(dk, dv, k, v, q_base, do_base, dq_base, LSE2 + row0, DELTA + row0, stride_qm,
-                                    stride_dom, stride_dqm, offs_n, offs_m, offs_d, start, full_lo, n_q, n_k,
+                                    stride_dom, stride_dqm, offs_n, offs_m, offs_d, start, full_start, n_q, n_k,
                                     diag, qk_scale, left, right, cap2, slope2, True, SOFTCAP, ALIBI, FUSE_DQ,
                                     HEAD_DIM, BLOCK_D, BLOCK_M, UPCAST, PRECISION)
     dk, dv = _dkdv_from_query_tiles(dk, dv, k, v, q_base, do_base, dq_base, LSE2 + row0, DELTA + row0, stride_qm,
-                                    stride_dom, stride_dqm, offs_n, offs_m, offs_d, full_lo, full_hi, n_q, n_k,
+                                    stride_dom, stride_dqm, offs_n, offs_m, offs_d, full_start, full_end, n_q, n_k,
                                     diag, qk_scale, left, right, cap2, slope2, False, SOFTCAP, ALIBI, FUSE_DQ,
                                     HEAD_DIM, BLOCK_D, BLOCK_M, UPCAST, PRECISION)
     dk, dv = _dkdv_from_query_tiles(dk, dv, k, v, q_base, do_base, dq_base, LSE2 + row0, DELTA + row0, stride_qm,
-                                    stride_dom, stride_dqm, offs_n, offs_m, offs_d, full_hi, stop, n_q, n_k,
+                                    stride_dom, stride_dqm, offs_n, offs_m, offs_d, full_end, stop, n_q, n_k,
                                     diag, qk_scale, left, right, cap2, slope2, True, SOFTCAP, ALIBI, FUSE_DQ,
                                     HEAD_DIM, BLOCK_D, BLOCK_M, UPCAST, PRECISION)
     tl.store(DK + off_b * stride_dkb + off_h * stride_dkh + (k0 + offs_n[:, None]) * stride_dkn + offs_d[None, :] * stride_dkd,
@@ -251,17 +251,17 @@ def flash_backward_dq_kernel(Q, K, V, DO, LSE2, DELTA, DQ, CU_Q, CU_K, SLOPES,
     if ALIBI:
         slope2 = tl.load(SLOPES + off_b * n_heads + off_h) * LOG2E
 
-    # The forward's schedule: masked [start, full_lo), full [full_lo, full_hi), masked [full_hi, stop).
+    # The forward's schedule: masked [start, full_start), full [full_start, full_end), masked [full_end, stop).
     diag = n_k - n_q
-    start, full_lo, full_hi, stop = key_tiles(start_m, n_q, n_k, left, right, BLOCK_M, BLOCK_N)
+    start, full_start, full_end, stop = key_tiles(start_m, n_q, n_k, left, right, BLOCK_M, BLOCK_N)
     dq = _dq_from_key_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d,
-                            start, full_lo, n_k, diag, qk_scale, left, right, cap2, slope2, True, SOFTCAP, ALIBI,
+                            start, full_start, n_k, diag, qk_scale, left, right, cap2, slope2, True, SOFTCAP, ALIBI,
                             HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, PRECISION)
     dq = _dq_from_key_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d,
-                            full_lo, full_hi, n_k, diag, qk_scale, left, right, cap2, slope2, False, SOFTCAP, ALIBI,
+                            full_start, full_end, n_k, diag, qk_scale, left, right, cap2, slope2, False, SOFTCAP, ALIBI,
                             HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, PRECISION)
     dq = _dq_from_key_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d,
-                            full_hi, stop, n_k, diag, qk_scale, left, right, cap2, slope2, True, SOFTCAP, ALIBI,
+                            full_end, stop, n_k, diag, qk_scale, left, right, cap2, slope2, True, SOFTCAP, ALIBI,
                             HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, PRECISION)
     tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + (q0 + offs_m[:, None]) * stride_dqm + offs_d[None, :] * stride_dqd,
              round_to(dq * scale, DQ.dtype.element_ty, UPCAST), mask=ok)

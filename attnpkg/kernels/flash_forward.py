@@ -129,20 +129,20 @@ def flash_forward_kernel(Q, K, V, O, LSE, K_DESC, V_DESC, CU_Q, CU_K, SLOPES,
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    # Key tiles [start, full_lo) and [full_hi, stop) need the element mask; [full_lo, full_hi) are
+    # Key tiles [start, full_start) and [full_end, stop) need the element mask; [full_start, full_end) are
     # seen in full by every row of this query tile. Tiles outside [start, stop) are never loaded.
     diag = n_k - n_q
-    start, full_lo, full_hi, stop = key_tiles(start_m, n_q, n_k, left, right, BLOCK_M, BLOCK_N)
+    start, full_start, full_end, stop = key_tiles(start_m, n_q, n_k, left, right, BLOCK_M, BLOCK_N)
     acc, m_i, l_i = _attend_to_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, K_DESC, V_DESC, kv_row0,
-                                     offs_m, offs_n, offs_d, start, full_lo, n_k, diag, qk_scale, left, right, cap2,
+                                     offs_m, offs_n, offs_d, start, full_start, n_k, diag, qk_scale, left, right, cap2,
                                      slope2, True, SOFTCAP, ALIBI,
                                      HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, PRECISION, False, USE_TMA)
     acc, m_i, l_i = _attend_to_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, K_DESC, V_DESC, kv_row0,
-                                     offs_m, offs_n, offs_d, full_lo, full_hi, n_k, diag, qk_scale, left, right, cap2,
+                                     offs_m, offs_n, offs_d, full_start, full_end, n_k, diag, qk_scale, left, right, cap2,
                                      slope2, False, SOFTCAP, ALIBI,
                                      HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, PRECISION, WARP_SPECIALIZE, USE_TMA)
     acc, m_i, l_i = _attend_to_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, K_DESC, V_DESC, kv_row0,
-                                     offs_m, offs_n, offs_d, full_hi, stop, n_k, diag, qk_scale, left, right, cap2,
+                                     offs_m, offs_n, offs_d, full_end, stop, n_k, diag, qk_scale, left, right, cap2,
                                      slope2, True, SOFTCAP, ALIBI,
                                      HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, PRECISION, False, USE_TMA)
 
