@@ -253,11 +253,14 @@ def visible_pairs(case, n):
     raise ValueError(case)
 
 
-def _mask_providers(case, batch, heads, n, head_dim, dtype):
-    """{provider: fn(q, k, v) -> o} for one mask case; q, k, v are (B, H, N, D)."""
+def _mask_providers(case, batch, heads, n, head_dim):
+    """{provider: fn(x, y, z) -> o} for one mask case, and the layout both take: "bhnd" (dense (B, H, N, D)
+    tensors) or "bnhd" (packed: (B, N, H, D) tensors, which flash_attention_varlen reads as (B * N, H, D)
+    and FlexAttention as (B, H, N, D) views, with no copy for either)."""
     import attnpkg
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
     flex = torch.compile(flex_attention)
+    layout = "bhnd"
     if case == "causal":
         mask_mod = lambda b, h, q, kv: q >= kv
         ours = lambda q, k, v: attnpkg.flash_attention(q, k, v, causal=True)
@@ -266,21 +269,24 @@ def _mask_providers(case, batch, heads, n, head_dim, dtype):
         mask_mod = lambda b, h, q, kv: (q >= kv) & (q - kv < w)
         ours = lambda q, k, v: attnpkg.flash_attention(q, k, v, causal=True, window_size=(w - 1, 0))
     elif case.startswith("packed-"):
+        layout = "bnhd"
         docs, length = map(int, case.split("-")[1].split("x"))
         doc = torch.arange(n, device="cuda") // length
         mask_mod = lambda b, h, q, kv: (doc[q] == doc[kv]) & (q >= kv)
         cu = torch.arange(0, batch * n + 1, length, device="cuda", dtype=torch.int32)
-
-        def ours(q, k, v):                # the same tokens as (B * N, H, D), one sequence per document
-            packed = [t.transpose(1, 2).reshape(batch * n, heads, head_dim) for t in (q, k, v)]
-            o = attnpkg.flash_attention_varlen(*packed, cu, cu, length, length, causal=True)
-            return o.view(batch, n, heads, head_dim).transpose(1, 2)
+        ours = lambda q, k, v: attnpkg.flash_attention_varlen(
+            *(t.view(batch * n, heads, head_dim) for t in (q, k, v)), cu, cu, length, length, causal=True)
     elif case.startswith("dense-"):       # the packed case's documents as a dense batch: no mask between them
-        docs, length = map(int, case.split("-")[1].split("x"))
         mask_mod = lambda b, h, q, kv: q >= kv
         ours = lambda q, k, v: attnpkg.flash_attention(q, k, v, causal=True)
+    else:
+        raise ValueError(case)
     block_mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=n, KV_LEN=n, device="cuda")
-    return {"attnpkg": ours, "flex": lambda q, k, v: flex(q, k, v, block_mask=block_mask)}
+    if layout == "bnhd":
+        theirs = lambda q, k, v: flex(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask)
+    else:
+        theirs = lambda q, k, v: flex(q, k, v, block_mask=block_mask)
+    return {"attnpkg": ours, "flex": theirs}, layout
 
 
 def _shape_of(case):
@@ -302,18 +308,21 @@ def run_masks(out_dir, dtype_name="bf16"):
     for case in MASK_CASES:
         shape = _shape_of(case)
         batch, heads, n, head_dim = shape["batch"], shape["heads"], shape["n"], shape["head_dim"]
-        providers = _mask_providers(case, batch, heads, n, head_dim, dtype)
-        q, k, v = (torch.randn(batch, heads, n, head_dim, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+        providers, layout = _mask_providers(case, batch, heads, n, head_dim)
+        shape_in = (batch, heads, n, head_dim) if layout == "bhnd" else (batch, n, heads, head_dim)
+        q, k, v = (torch.randn(shape_in, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
         outputs = {name: fn(q, k, v) for name, fn in providers.items()}
-        error = (outputs["attnpkg"].float() - outputs["flex"].float()).abs().max().item()
+        as_bhnd = lambda o: o if layout == "bhnd" or o.shape == shape_in[:1] + (heads, n, head_dim) else \
+            o.reshape(batch, n, heads, head_dim).transpose(1, 2)
+        error = (as_bhnd(outputs["attnpkg"]).float() - as_bhnd(outputs["flex"]).float()).abs().max().item()
         if not error < 2e-2:
             raise AssertionError(f"attnpkg differs from FlexAttention by {error} on {case}")
-        do = torch.randn_like(outputs["attnpkg"])
+        grads_out = {name: torch.randn_like(o) for name, o in outputs.items()}
         flops = 4 * batch * heads * head_dim * visible_pairs(case, n)
         best = {}
         for _ in range(ROUNDS):
             for name, fn in providers.items():
-                o = fn(q, k, v)
+                o, do = fn(q, k, v), grads_out[name]
                 fwd = do_bench(lambda: fn(q, k, v), warmup=25, rep=100, return_mode="median")
                 bwd = do_bench(lambda: o.backward(do, retain_graph=True), warmup=25, rep=100, grad_to_none=[q, k, v],
                                return_mode="median")
