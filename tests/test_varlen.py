@@ -137,3 +137,24 @@ def test_gpu_varlen_large(heads, d, options, dtype):
     lengths = [2048, 1, 0, 1537, 4099, 1, 777, 0, 3000]
     check(lengths, lengths, *heads, d, dtype, **dict(options))
     check(lengths, [l + 100 if l else 0 for l in lengths], *heads, d, dtype, **dict(options))
+
+
+@pytest.mark.gpu
+def test_gpu_compile_inductor_masks_and_varlen():
+    """torch.compile(fullgraph=True) with the default backend (Inductor) around both entry points."""
+    lengths = [300, 0, 1, 1000]
+    q, k, v, do, cu_q, cu_k, max_q, max_k = packed(lengths, lengths, 8, 2, 128, torch.bfloat16)
+    slopes = torch.rand(8, device=DEVICE) * 0.1
+    options = dict(causal=True, window_size=(255, 0), softcap=30.0, alibi_slopes=slopes)
+    fn = torch.compile(lambda q, k, v: attnpkg.flash_attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, **options),
+                       fullgraph=True)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    o = fn(*leaves)
+    o.backward(do)
+    want = run_varlen(q, k, v, do, cu_q, cu_k, max_q, max_k, **options)
+    torch.testing.assert_close(o, want["o"])
+    for leaf, name in zip(leaves, ("dq", "dk", "dv")):
+        torch.testing.assert_close(leaf.grad, want[name])
+    dense = [t[:1000].transpose(0, 1)[None].contiguous() for t in (q, k, v)]
+    fn = torch.compile(lambda q, k, v: attnpkg.flash_attention(q, k, v, **options), fullgraph=True)
+    torch.testing.assert_close(fn(*dense), attnpkg.flash_attention(*dense, **options))
