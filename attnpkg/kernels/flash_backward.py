@@ -137,8 +137,9 @@ def flash_backward_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, DQ, CU_Q, CU_K,
     off_h = (off_bh % n_heads).to(tl.int64)
     off_hkv = off_h // GROUP
     q0, n_q, k0, n_k = sequence_bounds(off_b, n_q, n_k, CU_Q, CU_K, VARLEN)
-    if start_n >= n_k:                            # packed: this sequence is shorter than the longest
-        return
+    if VARLEN:
+        if start_n >= n_k:                        # this sequence is shorter than the longest
+            return
     offs_n = start_n + wide_arange(BLOCK_N, INT64)
     offs_m = wide_arange(BLOCK_M, INT64)
     offs_d = wide_arange(BLOCK_D, INT64)
@@ -226,8 +227,9 @@ def flash_backward_dq_kernel(Q, K, V, DO, LSE2, DELTA, DQ, CU_Q, CU_K, SLOPES,
     off_h = (off_bh % n_heads).to(tl.int64)
     off_hkv = off_h // GROUP
     q0, n_q, k0, n_k = sequence_bounds(off_b, n_q, n_k, CU_Q, CU_K, VARLEN)
-    if start_m >= n_q:
-        return
+    if VARLEN:
+        if start_m >= n_q:
+            return
     offs_m = start_m + wide_arange(BLOCK_M, INT64)
     offs_n = wide_arange(BLOCK_N, INT64)
     offs_d = wide_arange(BLOCK_D, INT64)

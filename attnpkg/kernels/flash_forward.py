@@ -106,8 +106,9 @@ def flash_forward_kernel(Q, K, V, O, LSE, K_DESC, V_DESC, CU_Q, CU_K, SLOPES,
     off_h = (off_bh % n_heads).to(tl.int64)
     off_hkv = off_h // GROUP                      # grouped-query: GROUP query heads share a k/v head
     q0, n_q, k0, n_k = sequence_bounds(off_b, n_q, n_k, CU_Q, CU_K, VARLEN)
-    if start_m >= n_q:                            # packed: this sequence is shorter than the longest
-        return
+    if VARLEN:
+        if start_m >= n_q:                        # this sequence is shorter than the longest
+            return
 
     offs_m = start_m + wide_arange(BLOCK_M, INT64)
     offs_n = wide_arange(BLOCK_N, INT64)
