@@ -158,3 +158,13 @@ def test_gpu_compile_inductor_masks_and_varlen():
     dense = [t[:1000].transpose(0, 1)[None].contiguous() for t in (q, k, v)]
     fn = torch.compile(lambda q, k, v: attnpkg.flash_attention(q, k, v, **options), fullgraph=True)
     torch.testing.assert_close(fn(*dense), attnpkg.flash_attention(*dense, **options))
+
+
+def test_varlen_fused_backward(monkeypatch):
+    """The five-product backward (dQ by atomic adds) on packed sequences, grouped-query, with a window."""
+    from attnpkg import attention
+    monkeypatch.setattr(attention, "FUSED_BACKWARD", True)
+    q, k, v, do, cu_q, cu_k, max_q, max_k = packed([21, 0, 40, 1], [30, 5, 40, 1], 4, 2, 16, HALF)
+    got = run_varlen(q, k, v, do, cu_q, cu_k, max_q, max_k, window_size=(7, 2), deterministic=False)
+    assert_flash_accuracy(got, q, k, v, do, False, fn=reference.attention_varlen, cu_seqlens_q=cu_q,
+                          cu_seqlens_k=cu_k, window_size=(7, 2))
