@@ -3,6 +3,8 @@ closed-form gradients that the companion book derives.
 
 Public API:
     attnpkg.flash_attention     FlashAttention forward and backward (Triton), a drop-in for SDPA
+    attnpkg.flash_attention_varlen  the same over packed sequences of different lengths
+    attnpkg.masks               the tile schedule of causal, sliding-window and packed masks
     attnpkg.MultiHeadAttention  an nn.Module around flash_attention
     attnpkg.softmax             row softmax with a Triton backward kernel
     attnpkg.reference           materialised attention (ground truth), multi-head attention
@@ -27,14 +29,15 @@ __version__ = "0.1.0"
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from . import grads, notebook, reference  # noqa: E402
+from . import grads, masks, notebook, reference  # noqa: E402
 from .attention import flash_attention  # noqa: E402
 from .fused_softmax import softmax  # noqa: E402
 from .modules import MultiHeadAttention  # noqa: E402
+from .varlen import flash_attention_varlen  # noqa: E402
 from . import distributed  # noqa: E402  (context-parallel ring attention)
 
-__all__ = ["__version__", "MultiHeadAttention", "check", "exercises", "flash_attention", "grads", "notebook", "reference",
-           "softmax"]
+__all__ = ["__version__", "MultiHeadAttention", "check", "distributed", "exercises", "flash_attention",
+           "flash_attention_varlen", "grads", "masks", "notebook", "reference", "softmax"]
 
 
 def __getattr__(name):

@@ -22,8 +22,9 @@ from .kernels.flash_backward import (flash_backward_dkdv_kernel, flash_backward_
                                      flash_backward_preprocess)
 from .kernels.flash_forward import flash_forward_kernel
 from .launch import launch
+from .masks import window_bounds
 
-__all__ = ["flash_attention"]
+__all__ = ["flash_attention", "Mask"]
 
 LOG2E = 1.4426950408889634
 MAX_HEAD_DIM = 256
@@ -166,28 +167,89 @@ def _on_device_of(x):
     return contextlib.nullcontext()
 
 
-def forward_impl(q, k, v, causal: bool, scale: float):
-    """Run the forward kernel: returns (o, lse). Inputs are assumed valid (see flash_attention)."""
+class Mask(NamedTuple):
+    """Everything about the attention pattern beyond plain softmax(scale q k^T), as the kernels take it.
+
+    ``window``: ``(left, right)`` with ``-1`` for an unbounded side (``causal`` is ``(-1, 0)``);
+    ``softcap``: c > 0 caps each scaled score to c tanh(s / c) (0: off); ``alibi``: float32 slopes
+    ``(B, Hq)`` or None; ``cu_q``, ``cu_k``, ``max_q``, ``max_k``: packed sequences (varlen), whose
+    tensors come as ``(1, H, total, D)`` views of ``(total, H, D)``, or None."""
+    window: tuple = (-1, -1)
+    softcap: float = 0.0
+    alibi: Optional[torch.Tensor] = None
+    cu_q: Optional[torch.Tensor] = None
+    cu_k: Optional[torch.Tensor] = None
+    max_q: int = 0
+    max_k: int = 0
+
+
+def _as_mask(causal) -> Mask:
+    """``causal`` may be a bool (the two masks of the original interface) or a :class:`Mask`."""
+    return causal if isinstance(causal, Mask) else Mask(window=(-1, 0) if causal else (-1, -1))
+
+
+def _mask_args(q, k, mask: Mask):
+    """The kernels' mask arguments: pointers (CU_Q, CU_K, SLOPES), the numbers (n_q, n_k, stride of an
+    lse head, left, right, cap2), the constexprs, and whether the tiles take the causal table."""
+    varlen = mask.cu_q is not None
+    n_q, n_k = (mask.max_q, mask.max_k) if varlen else (q.shape[2], k.shape[2])
+    left, right = window_bounds(mask.window, False, n_q, n_k)
+    dummy = q
+    pointers = (mask.cu_q if varlen else dummy, mask.cu_k if varlen else dummy,
+                mask.alibi if mask.alibi is not None else dummy)
+    numbers = (n_q, n_k, q.shape[2], left, right, float(mask.softcap) * LOG2E if mask.softcap else 1.0)
+    banded = left < n_q + n_k or right < n_q + n_k
+    flags = dict(VARLEN=varlen, SOFTCAP=bool(mask.softcap), ALIBI=mask.alibi is not None)
+    # The tiles of a row grow with its index when only the right side is bounded (causal): run the
+    # longest first.
+    longest_first = right < n_q + n_k and left >= n_q + n_k
+    return pointers, numbers, flags, banded, longest_first
+
+
+def _strides(packed: bool, *tensors):
+    """The strides the kernels take, in order. Packed: the batch stride is 0, since the batch axis of the
+    launch grid indexes sequences, whose offsets come from the prefix sums instead."""
+    return [s for x in tensors for s in ((0, *x.stride()[1:]) if packed else x.stride())]
+
+
+def forward_impl(q, k, v, causal, scale: float):
+    """Run the forward kernel: returns (o, lse). ``causal``: a bool or a :class:`Mask`. Inputs are
+    assumed valid (see flash_attention)."""
+    mask = _as_mask(causal)
     batch, n_heads, n_q, head_dim = q.shape
     n_kv_heads, n_k = k.shape[1], k.shape[2]
-    o = torch.empty((batch, n_heads, n_q, head_dim), dtype=q.dtype, device=q.device)
+    o = _empty_out(q, mask.cu_q is not None)
     lse = torch.empty((batch, n_heads, n_q), dtype=torch.float32, device=q.device)
     if o.numel() == 0:
         return o, lse
     if n_k == 0:                               # no key at all: every row is fully masked
         return o.zero_(), lse.fill_(float("-inf"))
     meta = _kernel_meta(q)
-    t = tiles_for("forward", meta["BLOCK_D"], q.dtype, q.device, causal)
-    descriptors = _kv_descriptors(k, v, t, meta["BLOCK_D"])
+    pointers, numbers, flags, banded, longest_first = _mask_args(q, k, mask)
+    t = tiles_for("forward", meta["BLOCK_D"], q.dtype, q.device, banded)
+    # Packed sequences: the rows of a sequence are not one evenly strided block per head, so no TMA.
+    descriptors = None if flags["VARLEN"] else _kv_descriptors(k, v, t, meta["BLOCK_D"])
+    if flags["VARLEN"]:                  # the grid spans the longest sequence, for each sequence of the batch
+        batch, n_q = mask.cu_q.shape[0] - 1, mask.max_q
     with _on_device_of(q):
         # One grid axis (tiles fastest): CUDA allows 2^31 - 1 programs there, 65535 on the others.
         launch(flash_forward_kernel)[(_cdiv(n_q, t.own) * batch * n_heads,)](
-            q, k, v, o, lse, *(descriptors or (k, v)), *q.stride(), *k.stride(), *v.stride(), *o.stride(),
-            n_heads, n_q, n_k, scale * LOG2E,
-            GROUP=n_heads // n_kv_heads, CAUSAL=causal, BLOCK_M=t.own, BLOCK_N=t.streamed,
+            q, k, v, o, lse, *(descriptors or (k, v)), *pointers, *_strides(flags["VARLEN"], q, k, v, o),
+            n_heads, *numbers[:3], scale * LOG2E, *numbers[3:],
+            GROUP=n_heads // n_kv_heads, LONGEST_FIRST=longest_first, **flags, BLOCK_M=t.own, BLOCK_N=t.streamed,
             WARP_SPECIALIZE=t.warp_specialize, USE_TMA=descriptors is not None, INT64=_needs_int64(q, k, v, o),
             num_warps=t.num_warps, num_stages=t.num_stages, **meta)
     return o, lse
+
+
+def _empty_out(x, packed: bool, dtype=None):
+    """An uninitialised tensor shaped like ``x``: contiguous for dense ``(B, H, N, D)`` tensors, and for
+    a packed ``(1, H, total, D)`` view, the same view of a contiguous ``(total, H, D)`` tensor (what
+    flash_attention_varlen returns). The fake implementations below allocate the same way."""
+    dtype = x.dtype if dtype is None else dtype
+    if packed:
+        return torch.empty((x.shape[2], x.shape[1], x.shape[3]), dtype=dtype, device=x.device).transpose(0, 1)[None]
+    return torch.empty(x.shape, dtype=dtype, device=x.device)
 
 
 # The five-product backward (dQ added by atomics from the dK/dV kernel) is exact, but on the H200
@@ -197,18 +259,19 @@ def forward_impl(q, k, v, causal: bool, scale: float):
 FUSED_BACKWARD = False
 
 
-def backward_impl(do, q, k, v, o, lse, dlse, causal: bool, scale: float, deterministic: bool = True):
-    """Run the backward kernels: returns (dq, dk, dv). ``dlse`` (or None) is the gradient of lse.
+def backward_impl(do, q, k, v, o, lse, dlse, causal, scale: float, deterministic: bool = True):
+    """Run the backward kernels: returns (dq, dk, dv). ``dlse`` (or None) is the gradient of lse;
+    ``causal``: a bool or a :class:`Mask`.
 
     Two kernels: one per key tile for dK and dV, one per query tile for dQ, each recomputing S and
     dP (7 matrix products per tile pair), every sum in a fixed order. With ``FUSED_BACKWARD`` and
     ``deterministic=False``: the dK/dV kernel alone computes S, P, dP and dS once and adds its share
     of dQ into a float32 buffer by atomic adds (5 products), whose order varies from run to run."""
+    mask = _as_mask(causal)
+    packed = mask.cu_q is not None
     batch, n_heads, n_q, head_dim = q.shape
     n_kv_heads, n_k = k.shape[1], k.shape[2]
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+    dq, dk, dv = _empty_out(q, packed), _empty_out(k, packed), _empty_out(v, packed)
     if batch == 0 or n_q == 0 or n_k == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     meta = _kernel_meta(q)
@@ -222,26 +285,29 @@ def backward_impl(do, q, k, v, o, lse, dlse, causal: bool, scale: float, determi
     delta = torch.empty((batch, n_heads, n_q), dtype=torch.float32, device=q.device)
     lse2 = torch.empty_like(delta)
     rows = 32 if _interpreting() else 64
+    pointers, numbers, flags, banded, longest_first = _mask_args(q, k, mask)
+    # Packed sequences: the grids span the longest sequences, for each sequence of the batch.
+    grid_q, grid_k, sequences = (mask.max_q, mask.max_k, mask.cu_q.shape[0] - 1) if packed else (n_q, n_k, batch)
     with _on_device_of(q):
+        # Packed sequences are rows of one (1, H, total) batch here: the preprocess needs no offsets.
         launch(flash_backward_preprocess)[(_cdiv(n_q, rows) * batch * n_heads,)](
             o, do, lse, dlse.contiguous() if dlse is not None else lse, delta, lse2,   # dlse may be a stride-0 expand
             *o.stride(), *do.stride(), n_heads, n_q,
             HEAD_DIM=head_dim, BLOCK_D=meta["BLOCK_D"], BLOCK_M=rows, HAS_DLSE=dlse is not None, INT64=wide)
         # dK/dV (and dQ by atomics): one program owns a tile of keys and a query head; query tiles stream past it.
-        t = tiles_for("fused" if fuse else "dkdv", meta["BLOCK_D"], q.dtype, q.device, causal)
-        launch(flash_backward_dkdv_kernel)[(_cdiv(n_k, t.own) * batch * n_heads,)](
-            q, k, v, do, lse2, delta, dk_part, dv_part, dq_acc,
-            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk_part.stride(), *dv_part.stride(),
-            *dq_acc.stride(), n_heads, n_q, n_k, scale * LOG2E, scale, GROUP=group, CAUSAL=causal,
+        t = tiles_for("fused" if fuse else "dkdv", meta["BLOCK_D"], q.dtype, q.device, banded)
+        launch(flash_backward_dkdv_kernel)[(_cdiv(grid_k, t.own) * sequences * n_heads,)](
+            q, k, v, do, lse2, delta, dk_part, dv_part, dq_acc, *pointers,
+            *_strides(packed, q, k, v, do, dk_part, dv_part, dq_acc), n_heads, *numbers[:3], scale * LOG2E, scale, *numbers[3:], GROUP=group, **flags,
             FUSE_DQ=fuse, BLOCK_N=t.own, BLOCK_M=t.streamed, INT64=wide,
             num_warps=t.num_warps, num_stages=t.num_stages, **meta)
         if not fuse:
             # dQ: one program owns a tile of queries; tiles of keys stream past it.
-            t = tiles_for("dq", meta["BLOCK_D"], q.dtype, q.device, causal)
-            launch(flash_backward_dq_kernel)[(_cdiv(n_q, t.own) * batch * n_heads,)](
-                q, k, v, do, lse2, delta, dq,
-                *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-                n_heads, n_q, n_k, scale * LOG2E, scale, GROUP=group, CAUSAL=causal,
+            t = tiles_for("dq", meta["BLOCK_D"], q.dtype, q.device, banded)
+            launch(flash_backward_dq_kernel)[(_cdiv(grid_q, t.own) * sequences * n_heads,)](
+                q, k, v, do, lse2, delta, dq, *pointers, *_strides(packed, q, k, v, do, dq),
+                n_heads, *numbers[:3], scale * LOG2E, scale, *numbers[3:], GROUP=group,
+                LONGEST_FIRST=longest_first, **flags,
                 BLOCK_M=t.own, BLOCK_N=t.streamed, INT64=wide, num_warps=t.num_warps, num_stages=t.num_stages, **meta)
     if fuse:
         dq.copy_(dq_acc.mul_(scale))
@@ -255,62 +321,84 @@ class _FlashAttention(torch.autograd.Function):
     """Eager path: the kernels called directly, with as little Python per call as possible."""
 
     @staticmethod
-    def forward(ctx, q, k, v, causal, scale, deterministic):
-        o, lse = forward_impl(q, k, v, causal, scale)
+    def forward(ctx, q, k, v, mask, scale, deterministic):
+        o, lse = forward_impl(q, k, v, mask, scale)
         ctx.set_materialize_grads(False)        # an unused lse gets None, not a tensor of zeros
         ctx.save_for_backward(q, k, v, o, lse)
-        ctx.causal, ctx.scale, ctx.deterministic = causal, scale, deterministic
+        ctx.mask, ctx.scale, ctx.deterministic = mask, scale, deterministic
         return o, lse
 
     @staticmethod
     def backward(ctx, do, dlse):
         q, k, v, o, lse = ctx.saved_tensors
         do = torch.zeros_like(o) if do is None else do
-        dq, dk, dv = backward_impl(do, q, k, v, o, lse, dlse, ctx.causal, ctx.scale, ctx.deterministic)
+        dq, dk, dv = backward_impl(do, q, k, v, o, lse, dlse, ctx.mask, ctx.scale, ctx.deterministic)
         return dq, dk, dv, None, None, None
 
 
 # The same kernels as torch.library custom ops, which torch.compile can trace (fake implementations give
-# the output shapes) and call from a compiled graph.
+# the output shapes) and call from a compiled graph. The mask travels as plain arguments.
+def _mask_of(window_left, window_right, softcap, alibi, cu_q, cu_k, max_q, max_k) -> Mask:
+    return Mask((window_left, window_right), softcap, alibi, cu_q, cu_k, max_q, max_k)
+
+
 @torch.library.custom_op("attnpkg::flash_attention_forward", mutates_args=())
-def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float,
+def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window_left: int, window_right: int,
+                softcap: float, alibi: Optional[torch.Tensor], cu_q: Optional[torch.Tensor],
+                cu_k: Optional[torch.Tensor], max_q: int, max_k: int, scale: float,
                 deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return forward_impl(q, k, v, causal, scale)
+    return forward_impl(q, k, v, _mask_of(window_left, window_right, softcap, alibi, cu_q, cu_k, max_q, max_k), scale)
 
 
 @_forward_op.register_fake
-def _(q, k, v, causal, scale, deterministic):
+def _(q, k, v, window_left, window_right, softcap, alibi, cu_q, cu_k, max_q, max_k, scale, deterministic):
     batch, n_heads, n_q, head_dim = q.shape
-    return q.new_empty((batch, n_heads, n_q, head_dim)), q.new_empty((batch, n_heads, n_q), dtype=torch.float32)
+    return _empty_out(q, cu_q is not None), q.new_empty((batch, n_heads, n_q), dtype=torch.float32)
 
 
 @torch.library.custom_op("attnpkg::flash_attention_backward", mutates_args=())
 def _backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                 lse: torch.Tensor, dlse: Optional[torch.Tensor], causal: bool, scale: float, deterministic: bool
+                 lse: torch.Tensor, dlse: Optional[torch.Tensor], window_left: int, window_right: int,
+                 softcap: float, alibi: Optional[torch.Tensor], cu_q: Optional[torch.Tensor],
+                 cu_k: Optional[torch.Tensor], max_q: int, max_k: int, scale: float, deterministic: bool
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return backward_impl(do, q, k, v, o, lse, dlse, causal, scale, deterministic)
+    return backward_impl(do, q, k, v, o, lse, dlse,
+                         _mask_of(window_left, window_right, softcap, alibi, cu_q, cu_k, max_q, max_k), scale,
+                         deterministic)
 
 
 @_backward_op.register_fake
-def _(do, q, k, v, o, lse, dlse, causal, scale, deterministic):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+def _(do, q, k, v, o, lse, dlse, window_left, window_right, softcap, alibi, cu_q, cu_k, max_q, max_k, scale,
+      deterministic):
+    packed = cu_q is not None
+    return _empty_out(q, packed), _empty_out(k, packed), _empty_out(v, packed)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, causal, scale, deterministic = inputs
+    q, k, v, *mask_args, scale, deterministic = inputs
     o, lse = output
     ctx.save_for_backward(q, k, v, o, lse)
-    ctx.causal, ctx.scale, ctx.deterministic = causal, scale, deterministic
+    ctx.mask_args, ctx.scale, ctx.deterministic = mask_args, scale, deterministic
 
 
 def _backward_rule(ctx, do, dlse):
     q, k, v, o, lse = ctx.saved_tensors
     do = torch.zeros_like(o) if do is None else do
-    dq, dk, dv = _backward_op(do, q, k, v, o, lse, dlse, ctx.causal, ctx.scale, ctx.deterministic)
-    return dq, dk, dv, None, None, None
+    dq, dk, dv = _backward_op(do, q, k, v, o, lse, dlse, *ctx.mask_args, ctx.scale, ctx.deterministic)
+    return (dq, dk, dv) + (None,) * (len(ctx.mask_args) + 2)
 
 
 _forward_op.register_autograd(_backward_rule, setup_context=_setup_context)
+
+
+def _run(q, k, v, mask: Mask, scale: float, deterministic: bool):
+    """Forward through the custom op (compiling), the autograd Function (gradients) or the kernel alone."""
+    if torch.compiler.is_compiling():
+        return _forward_op(q, k, v, mask.window[0], mask.window[1], float(mask.softcap), mask.alibi, mask.cu_q,
+                           mask.cu_k, mask.max_q, mask.max_k, scale, deterministic)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return _FlashAttention.apply(q, k, v, mask, scale, deterministic)
+    return forward_impl(q, k, v, mask, scale)          # inference: no graph to record
 
 
 def _check_inputs(q, k, v, scale):
@@ -364,11 +452,47 @@ def _check_inputs(q, k, v, scale):
                          f"through Triton's interpreter)")
 
 
-def flash_attention(q, k, v, *, causal=False, scale=None, return_lse=False, deterministic=None):
+def _check_mask_options(name, causal, window_size, softcap, alibi_slopes, batch, n_heads, device):
+    """Validate the mask options; returns ``(window, softcap, alibi)`` as :class:`Mask` takes them.
+
+    ``causal=True`` sets the window's right side to 0, whatever it was (as flash-attn does)."""
+    if not isinstance(causal, bool):
+        raise TypeError(f"{name}: causal must be True or False, got {causal!r}")
+    if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
+            or any(isinstance(w, bool) or not isinstance(w, int) for w in window_size)):
+        raise TypeError(f"{name}: window_size must be a pair of ints (left, right), -1 for unbounded, got {window_size!r}")
+    left, right = window_size
+    if left < -1 or right < -1:
+        raise ValueError(f"{name}: window sizes must be >= -1 (-1: unbounded), got window_size={tuple(window_size)}")
+    if causal:
+        right = 0
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not math.isfinite(softcap) or softcap < 0:
+        raise ValueError(f"{name}: softcap must be a finite number >= 0 (0: off), got {softcap!r}")
+    if softcap and not MIN_SCALE <= softcap * LOG2E <= MAX_SCALE:
+        raise ValueError(f"{name}: softcap {softcap!r} is outside the float32 range the kernels compute in")
+    alibi = None
+    if alibi_slopes is not None:
+        if not isinstance(alibi_slopes, torch.Tensor):
+            raise TypeError(f"{name}: alibi_slopes must be a torch.Tensor or None, got {type(alibi_slopes).__name__}")
+        if alibi_slopes.dtype != torch.float32:
+            raise TypeError(f"{name}: alibi_slopes must be float32, got {alibi_slopes.dtype}")
+        if tuple(alibi_slopes.shape) not in ((n_heads,), (batch, n_heads)):
+            raise ValueError(f"{name}: alibi_slopes must have shape ({n_heads},) or ({batch}, {n_heads}) "
+                             f"(query heads, or batch and query heads), got {tuple(alibi_slopes.shape)}")
+        if alibi_slopes.device != device:
+            raise ValueError(f"{name}: alibi_slopes is on {alibi_slopes.device}, the inputs on {device}")
+        alibi = alibi_slopes.detach().expand(batch, n_heads).contiguous()
+    return (left, right), float(softcap), alibi
+
+
+def flash_attention(q, k, v, *, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, scale=None,
+                    return_lse=False, deterministic=None):
     """Exact softmax attention with the FlashAttention algorithm, forward and backward in Triton.
 
     A drop-in for ``torch.nn.functional.scaled_dot_product_attention(q, k, v)`` without dropout
-    or an explicit mask; differentiable in ``q``, ``k`` and ``v``.
+    or an explicit mask; differentiable in ``q``, ``k`` and ``v``. Masks and score modifications
+    follow flash-attn (``flash_attn_func``), with queries aligned bottom-right: query ``i`` sits at
+    key position ``p_i = i + Nk - Nq``.
 
     Args:
         q: queries, ``(B, Hq, Nq, D)``.
@@ -376,15 +500,25 @@ def flash_attention(q, k, v, *, causal=False, scale=None, return_lse=False, dete
             uses key/value head ``h // (Hq // Hkv)`` (grouped-query; ``Hkv = 1`` is multi-query).
             ``Nk`` may differ from ``Nq``.
         v: values, ``(B, Hkv, Nk, D)``.
-        causal: query ``i`` sees keys ``j <= i + Nk - Nq`` (aligned bottom-right, so the last
-            query sees every key, as in a decoder extending a key cache). With ``Nq == Nk`` this is
+        causal: query ``i`` sees keys ``j <= p_i`` (aligned bottom-right, so the last query sees
+            every key, as in a decoder extending a key cache). With ``Nq == Nk`` this is
             SDPA's ``is_causal=True``; with ``Nq != Nk`` SDPA aligns top-left (``j <= i``) instead.
-            Queries that see no key (``i < Nq - Nk``) output zeros, with lse ``-inf`` and zero gradients.
+            It is the window ``(-1, 0)``: with ``causal=True`` the right side of ``window_size`` is
+            set to 0, whatever it was (as flash-attn does).
+        window_size: ``(left, right)``, local (sliding-window) attention: query ``i`` sees keys
+            ``p_i - left <= j <= p_i + right``; ``-1`` leaves that side unbounded. Key tiles
+            outside the band are never loaded, so the cost grows with ``Nq x window``.
+        softcap: ``c > 0`` replaces each scaled score ``s`` by ``c tanh(s / c)`` (Gemma 2); 0 is off.
+        alibi_slopes: float32 ``(Hq,)`` or ``(B, Hq)``: adds ``-slope[b, h] |p_i - j|`` to the
+            (capped) score (ALiBi). No gradient flows to the slopes.
+        Queries that see no key (with causal, ``i < Nq - Nk``; with windows, rows whose band lies
+        outside ``[0, Nk)``) output zeros, with lse ``-inf`` and zero gradients.
         scale: multiplies ``q k^T`` before the softmax; ``1/sqrt(D)`` by default. It must be
             positive (the kernels take the row maximum before scaling) and, since the kernels
             compute in float32, a normal float32 number (about 1.2e-38 to 1.7e38).
-        return_lse: also return the row log-sum-exp ``lse[b, h, i] = log sum_j exp(scale q_i.k_j)``
-            (natural log, float32, ``(B, Hq, Nq)``), the quantity that merges partial attentions.
+        return_lse: also return the row log-sum-exp ``lse[b, h, i] = log sum_j exp(z_ij)`` of the
+            final scores ``z`` (natural log, float32, ``(B, Hq, Nq)``), the quantity that merges
+            partial attentions; differentiable.
         deterministic: whether the backward pass must give bit-identical gradients on every run.
             ``None`` (default) follows ``torch.are_deterministic_algorithms_enabled()``. ``True``
             guarantees it. ``False`` allows a non-deterministic pass where one is faster; the
@@ -397,17 +531,15 @@ def flash_attention(q, k, v, *, causal=False, scale=None, return_lse=False, dete
     Supported: float16 and bfloat16 (fp32 accumulation) and float32; any ``D`` from 1 to 256; any
     sequence length; strided inputs. CUDA tensors run the compiled kernels; without a CUDA GPU,
     CPU tensors run the same kernels through Triton's interpreter (slow: for small shapes).
+    For packed sequences of different lengths see :func:`attnpkg.flash_attention_varlen`.
     """
     _check_inputs(q, k, v, scale)
     if deterministic is not None and not isinstance(deterministic, bool):
         raise TypeError(f"flash_attention: deterministic must be None, True or False, got {deterministic!r}")
+    window, cap, alibi = _check_mask_options("flash_attention", bool(causal),
+                                             window_size, softcap, alibi_slopes, q.shape[0], q.shape[1], q.device)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     if deterministic is None:
         deterministic = torch.are_deterministic_algorithms_enabled()
-    if torch.compiler.is_compiling():
-        o, lse = _forward_op(q, k, v, bool(causal), scale, deterministic)
-    elif torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        o, lse = _FlashAttention.apply(q, k, v, bool(causal), scale, deterministic)
-    else:                                   # inference: no graph to record
-        o, lse = forward_impl(q, k, v, bool(causal), scale)
+    o, lse = _run(q, k, v, Mask(window, cap, alibi), scale, deterministic)
     return (o, lse) if return_lse else o

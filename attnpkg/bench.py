@@ -14,6 +14,7 @@ a CSV and plots. Without a CUDA GPU it says so and exits.
     python -m attnpkg.bench --memory        # also peak memory of forward + backward against N
     python -m attnpkg.bench --gqa           # also grouped- and multi-query cases
     python -m attnpkg.bench --host          # also eager against CUDA-graph time: what the host costs
+    python -m attnpkg.bench --masks         # only the mask cases against FlexAttention, and the window sweep
 """
 import argparse
 import csv
@@ -279,6 +280,161 @@ def run_gqa(out_dir, causal_flags=(False, True), dtype_name="bf16"):
     return rows
 
 
+# Mask cases against FlexAttention (torch.nn.attention.flex_attention, compiled, with the block mask
+# of the same pattern). FLOPs are counted on visible (query, key) pairs only.
+MASK_SHAPE = dict(batch=4, heads=16, n=16384, head_dim=128)
+MASK_CASES = ("causal", "window-4096", "packed-8x2048", "dense-32x2048")
+SWEEP_LENGTHS = (2048, 4096, 8192, 16384, 32768)
+
+
+def visible_pairs(case, n):
+    """Visible (query, key) pairs of one (batch, head) row of ``n`` tokens."""
+    if case == "causal":
+        return n * (n + 1) // 2
+    if case.startswith("window-"):
+        w = int(case.split("-")[1])
+        return sum(min(i + 1, w) for i in range(n))
+    if case.startswith("packed-") or case.startswith("dense-"):
+        docs, length = map(int, case.split("-")[1].split("x"))
+        return (n // length) * length * (length + 1) // 2
+    raise ValueError(case)
+
+
+def _mask_providers(case, batch, heads, n, head_dim):
+    """{provider: fn(x, y, z) -> o} for one mask case, and the layout both take: "bhnd" (dense (B, H, N, D)
+    tensors) or "bnhd" (packed: (B, N, H, D) tensors, which flash_attention_varlen reads as (B * N, H, D)
+    and FlexAttention as (B, H, N, D) views, with no copy for either)."""
+    import attnpkg
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    flex = torch.compile(flex_attention)
+    layout = "bhnd"
+    if case == "causal":
+        mask_mod = lambda b, h, q, kv: q >= kv
+        ours = lambda q, k, v: attnpkg.flash_attention(q, k, v, causal=True)
+    elif case.startswith("window-"):
+        w = int(case.split("-")[1])
+        mask_mod = lambda b, h, q, kv: (q >= kv) & (q - kv < w)
+        ours = lambda q, k, v: attnpkg.flash_attention(q, k, v, causal=True, window_size=(w - 1, 0))
+    elif case.startswith("packed-"):
+        layout = "bnhd"
+        docs, length = map(int, case.split("-")[1].split("x"))
+        doc = torch.arange(n, device="cuda") // length
+        mask_mod = lambda b, h, q, kv: (doc[q] == doc[kv]) & (q >= kv)
+        cu = torch.arange(0, batch * n + 1, length, device="cuda", dtype=torch.int32)
+        ours = lambda q, k, v: attnpkg.flash_attention_varlen(
+            *(t.view(batch * n, heads, head_dim) for t in (q, k, v)), cu, cu, length, length, causal=True)
+    elif case.startswith("dense-"):       # the packed case's documents as a dense batch: no mask between them
+        mask_mod = lambda b, h, q, kv: q >= kv
+        ours = lambda q, k, v: attnpkg.flash_attention(q, k, v, causal=True)
+    else:
+        raise ValueError(case)
+    block_mask = create_block_mask(mask_mod, B=None, H=None, Q_LEN=n, KV_LEN=n, device="cuda")
+    if layout == "bnhd":
+        theirs = lambda q, k, v: flex(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask)
+    else:
+        theirs = lambda q, k, v: flex(q, k, v, block_mask=block_mask)
+    return {"attnpkg": ours, "flex": theirs}, layout
+
+
+def _shape_of(case):
+    shape = dict(MASK_SHAPE)
+    if case.startswith("dense-"):
+        docs, length = map(int, case.split("-")[1].split("x"))
+        shape.update(batch=docs, n=length)
+    return shape
+
+
+def run_masks(out_dir, dtype_name="bf16"):
+    """Causal, a causal sliding window of 4096 keys, 8 packed causal documents of 2048 per row (attnpkg:
+    flash_attention_varlen), and the same 32 documents as a dense batch, B=4 H=16 D=128 N=16384:
+    forward and backward TFLOP/s on visible pairs, attnpkg against FlexAttention."""
+    from triton.testing import do_bench
+    dtype = DTYPES[dtype_name]
+    rows = []
+    print(f"\nmasks ({dtype_name}, TFLOP/s on visible pairs): case, attnpkg fwd / flex fwd, attnpkg bwd / flex bwd")
+    for case in MASK_CASES:
+        shape = _shape_of(case)
+        batch, heads, n, head_dim = shape["batch"], shape["heads"], shape["n"], shape["head_dim"]
+        providers, layout = _mask_providers(case, batch, heads, n, head_dim)
+        shape_in = (batch, heads, n, head_dim) if layout == "bhnd" else (batch, n, heads, head_dim)
+        q, k, v = (torch.randn(shape_in, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+        outputs = {name: fn(q, k, v) for name, fn in providers.items()}
+        as_bhnd = lambda o: o if layout == "bhnd" or o.shape == shape_in[:1] + (heads, n, head_dim) else \
+            o.reshape(batch, n, heads, head_dim).transpose(1, 2)
+        error = (as_bhnd(outputs["attnpkg"]).float() - as_bhnd(outputs["flex"]).float()).abs().max().item()
+        if not error < 2e-2:
+            raise AssertionError(f"attnpkg differs from FlexAttention by {error} on {case}")
+        grads_out = {name: torch.randn_like(o) for name, o in outputs.items()}
+        flops = 4 * batch * heads * head_dim * visible_pairs(case, n)
+        best = {}
+        for _ in range(ROUNDS):
+            for name, fn in providers.items():
+                o, do = fn(q, k, v), grads_out[name]
+                fwd = do_bench(lambda: fn(q, k, v), warmup=25, rep=100, return_mode="median")
+                bwd = do_bench(lambda: o.backward(do, retain_graph=True), warmup=25, rep=100, grad_to_none=[q, k, v],
+                               return_mode="median")
+                for mode, ms in (("forward", fwd), ("backward", bwd)):
+                    best[name, mode] = min(ms, best.get((name, mode), ms))
+        for (name, mode), ms in best.items():
+            rows.append(dict(case=case, **shape, dtype=dtype_name, provider=name, mode=mode, ms=ms,
+                             tflops=flops * (2.5 if mode == "backward" else 1.0) / ms / 1e9))
+        t = {(r["provider"], r["mode"]): r["tflops"] for r in rows if r["case"] == case}
+        print(f"{case:15s} fwd {t['attnpkg', 'forward']:6.1f} / {t['flex', 'forward']:6.1f} "
+              f"({t['attnpkg', 'forward'] / t['flex', 'forward']:.2f}x)   bwd {t['attnpkg', 'backward']:6.1f} / "
+              f"{t['flex', 'backward']:6.1f} ({t['attnpkg', 'backward'] / t['flex', 'backward']:.2f}x)", flush=True)
+        del q, k, v, outputs, providers
+        torch.cuda.empty_cache()
+    os.makedirs(out_dir, exist_ok=True)
+    env = environment()
+    with open(os.path.join(out_dir, "masks.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) + list(env))
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**row, **env})
+    return rows
+
+
+def run_window_sweep(out_dir, window=4096, dtype_name="bf16", plot=True):
+    """attnpkg's time against N for causal attention and a causal window: the window's grows like
+    N x window, causal's like N^2 (B=1, H=16, D=128)."""
+    import attnpkg
+    from triton.testing import do_bench
+    rows = []
+    print(f"\nwindow sweep (B=1 H=16 D=128 {dtype_name}): ms forward / backward")
+    for n in SWEEP_LENGTHS:
+        q, k, v = (torch.randn(1, 16, n, 128, device="cuda", dtype=DTYPES[dtype_name], requires_grad=True)
+                   for _ in range(3))
+        for name, options in (("causal", dict(causal=True)), (f"window-{window}", dict(causal=True, window_size=(window - 1, 0)))):
+            o = attnpkg.flash_attention(q, k, v, **options)
+            do = torch.randn_like(o)
+            fwd = do_bench(lambda: attnpkg.flash_attention(q, k, v, **options), warmup=25, rep=100, return_mode="median")
+            bwd = do_bench(lambda: o.backward(do, retain_graph=True), warmup=25, rep=100, grad_to_none=[q, k, v],
+                           return_mode="median")
+            rows.append(dict(case=name, n=n, forward_ms=fwd, backward_ms=bwd))
+            print(f"N={n:6d} {name:12s} {fwd:8.3f} / {bwd:8.3f}", flush=True)
+        del q, k, v
+        torch.cuda.empty_cache()
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "window_sweep.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    if plot:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name in dict.fromkeys(r["case"] for r in rows):
+            pts = [r for r in rows if r["case"] == name]
+            ax.loglog([r["n"] for r in pts], [r["forward_ms"] + r["backward_ms"] for r in pts], "o-", label=name)
+        ax.set_xlabel("sequence length N")
+        ax.set_ylabel("forward + backward (ms)")
+        ax.set_title(f"{environment()['gpu']}: a window costs N x window")
+        ax.legend()
+        fig.savefig(os.path.join(out_dir, "window_sweep.png"), dpi=120, bbox_inches="tight")
+    return rows
+
+
 def _lookup(rows, provider, mode, **case):
     for r in rows:
         if r["provider"] == provider and r["mode"] == mode and all(r[key] == value for key, value in case.items()):
@@ -360,10 +516,17 @@ def main(argv=None):
     parser.add_argument("--gqa", action="store_true", help="also grouped- and multi-query cases (B=1, Hq=32, N=4k, D=128)")
     parser.add_argument("--memory", action="store_true",
                         help="also measure peak memory of forward + backward, flash against materialised, N = 1k..16k")
+    parser.add_argument("--masks", action="store_true",
+                        help="only the mask cases (causal, window, packed documents) against FlexAttention, "
+                             "and the window-cost sweep")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("python -m attnpkg.bench: no CUDA GPU here, nothing to measure "
               "(the kernels run on the CPU only through Triton's interpreter, which is not for timing).")
+        return 0
+    if args.masks:
+        run_masks(args.out)
+        run_window_sweep(args.out, plot=not args.no_plot)
         return 0
     if args.case:
         cases = args.case

@@ -12,8 +12,8 @@ import math
 
 import torch
 
-__all__ = ["causal_mask", "expand_kv_heads", "scores", "probabilities", "attention", "split_heads", "merge_heads",
-           "multihead_attention"]
+__all__ = ["causal_mask", "window_mask", "expand_kv_heads", "scores", "probabilities", "attention",
+           "attention_varlen", "split_heads", "merge_heads", "multihead_attention"]
 
 
 def causal_mask(n_q, n_k, device=None):
@@ -35,6 +35,22 @@ def causal_mask(n_q, n_k, device=None):
     i = torch.arange(n_q, device=device)[:, None]
     j = torch.arange(n_k, device=device)[None, :]
     return j <= i + (n_k - n_q)
+
+
+def window_mask(n_q, n_k, window_size=(-1, -1), causal=False, device=None):
+    """Boolean ``(n_q, n_k)`` mask of a sliding window, True where query ``i`` may see key ``j``:
+    ``p_i - left <= j <= p_i + right`` with ``p_i = i + n_k - n_q`` (bottom-right), ``-1`` for an
+    unbounded side; ``causal`` sets ``right = 0``."""
+    left, right = window_size
+    right = 0 if causal else right
+    p = torch.arange(n_q, device=device)[:, None] + (n_k - n_q)
+    j = torch.arange(n_k, device=device)[None, :]
+    ok = torch.ones(n_q, n_k, dtype=torch.bool, device=device)
+    if left >= 0:
+        ok &= j >= p - left
+    if right >= 0:
+        ok &= j <= p + right
+    return ok
 
 
 def expand_kv_heads(q, k, v):
@@ -63,22 +79,36 @@ def expand_kv_heads(q, k, v):
     return k.repeat_interleave(group, dim=-3), v.repeat_interleave(group, dim=-3)
 
 
-def scores(q, k, *, causal=False, scale=None):
-    """The logits ``S = scale * Q K^T``, with ``-inf`` where the causal mask hides a key.
+def scores(q, k, *, causal=False, scale=None, window_size=(-1, -1), softcap=0.0, alibi_slopes=None):
+    """The logits ``S = scale * Q K^T``, soft-capped, minus ALiBi's distance penalty, with ``-inf``
+    where the causal mask or the window hides a key.
 
     Args:
         q: queries ``(..., Nq, d_k)``, any floating dtype (float64 for reference results).
         k: keys ``(..., Nk, d_k)``, with the same leading dimensions as ``q``.
         causal: set the logits of hidden keys to ``-inf`` (bottom-right aligned, :func:`causal_mask`).
         scale: multiplies ``Q K^T``; ``1/sqrt(d_k)`` by default.
+        window_size: ``(left, right)``: query ``i`` sees keys ``p_i - left <= j <= p_i + right`` with
+            ``p_i = i + Nk - Nq``; ``-1`` is unbounded on that side (see :func:`window_mask`).
+        softcap: ``c > 0`` replaces each scaled logit ``s`` by ``c * tanh(s / c)``; 0 is off.
+        alibi_slopes: ``(H,)`` or ``(B, H)`` (4-D inputs): subtracts ``slope_h * |p_i - j|`` after the cap.
 
     Returns:
         ``S`` of shape ``(..., Nq, Nk)`` in the dtype of ``q``.
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     s = scale * (q @ k.transpose(-2, -1))
-    if causal:
-        s = s.masked_fill(~causal_mask(q.shape[-2], k.shape[-2], device=s.device), float("-inf"))
+    n_q, n_k = q.shape[-2], k.shape[-2]
+    if softcap:
+        s = softcap * torch.tanh(s / softcap)
+    if alibi_slopes is not None:
+        p = torch.arange(n_q, device=s.device)[:, None] + (n_k - n_q)
+        distance = (p - torch.arange(n_k, device=s.device)[None, :]).abs().to(s.dtype)
+        slopes = alibi_slopes.to(s.dtype)
+        slopes = slopes[:, None, None] if slopes.dim() == 1 else slopes[:, :, None, None]
+        s = s - slopes * distance
+    if causal or tuple(window_size) != (-1, -1):
+        s = s.masked_fill(~window_mask(n_q, n_k, window_size, causal, device=s.device), float("-inf"))
     return s
 
 
@@ -100,7 +130,8 @@ def probabilities(q, k, *, causal=False, scale=None):
     return _masked_softmax(scores(q, k, causal=causal, scale=scale))[0]
 
 
-def attention(q, k, v, *, causal=False, scale=None, return_lse=False):
+def attention(q, k, v, *, causal=False, scale=None, return_lse=False, window_size=(-1, -1), softcap=0.0,
+              alibi_slopes=None):
     """Softmax attention ``O = softmax(scale * Q K^T) V``, computed with the full score matrix.
 
     Plain PyTorch, differentiable by autograd, in any floating dtype (the book uses float64) and on
@@ -114,6 +145,7 @@ def attention(q, k, v, *, causal=False, scale=None, return_lse=False):
         causal: hide keys ``j > i + Nk - Nq`` from query ``i`` (bottom-right alignment).
         scale: multiplies the logits; ``1/sqrt(d_k)`` by default.
         return_lse: also return the row log-sum-exp ``log sum_j exp(S_ij)`` (natural log).
+        window_size, softcap, alibi_slopes: as in :func:`attnpkg.flash_attention` (see :func:`scores`).
 
     Returns:
         ``O`` of shape ``(..., Nq, d_v)``, and with ``return_lse`` the log-sum-exp ``(..., Nq)``.
@@ -123,8 +155,29 @@ def attention(q, k, v, *, causal=False, scale=None, return_lse=False):
         ValueError: if grouped-query heads do not divide (see :func:`expand_kv_heads`).
     """
     k, v = expand_kv_heads(q, k, v)
-    p, lse = _masked_softmax(scores(q, k, causal=causal, scale=scale))
+    p, lse = _masked_softmax(scores(q, k, causal=causal, scale=scale, window_size=window_size, softcap=softcap,
+                                    alibi_slopes=alibi_slopes))
     o = p @ v
+    return (o, lse) if return_lse else o
+
+
+def attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, *, alibi_slopes=None, return_lse=False, **options):
+    """Packed sequences (``q``: ``(total_q, H, D)``, int ``cu_seqlens``): :func:`attention` on each
+    sequence alone, concatenated; lse is ``(H, total_q)``. ``options``: causal, scale, window_size, softcap."""
+    outs, lses = [], []
+    cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    for b in range(len(cq) - 1):
+        qb, kb, vb = (t[a:e].transpose(0, 1)[None] for t, a, e in ((q, cq[b], cq[b + 1]), (k, ck[b], ck[b + 1]),
+                                                                  (v, ck[b], ck[b + 1])))
+        slopes = None if alibi_slopes is None else (alibi_slopes if alibi_slopes.dim() == 1 else alibi_slopes[b])
+        if kb.shape[-2] == 0:                       # no key: zeros and lse -inf, as the kernels give
+            o = qb.new_zeros(qb.shape[:-1] + vb.shape[-1:])
+            lse = qb.new_full(qb.shape[:-1], float("-inf"))
+        else:
+            o, lse = attention(qb, kb, vb, return_lse=True, alibi_slopes=slopes, **options)
+        outs.append(o[0].transpose(0, 1))
+        lses.append(lse[0])
+    o, lse = torch.cat(outs, 0), torch.cat(lses, 1)
     return (o, lse) if return_lse else o
 
 

@@ -12,15 +12,16 @@ def max_error(x, ref):
     return torch.where(both_inf, 0.0, (x - ref).abs()).max().item() if x.numel() else 0.0
 
 
-def attention_and_grads(q, k, v, do, causal, scale=None, fn=reference.attention):
-    """Output, lse and (dq, dk, dv) of ``fn`` via autograd, in the inputs' dtype."""
+def attention_and_grads(q, k, v, do, causal, scale=None, fn=reference.attention, **options):
+    """Output, lse and (dq, dk, dv) of ``fn`` via autograd, in the inputs' dtype. ``options``: more
+    keyword arguments of ``fn`` (window_size, softcap, alibi_slopes, ...)."""
     q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    o, lse = fn(q, k, v, causal=causal, scale=scale, return_lse=True)
+    o, lse = fn(q, k, v, causal=causal, scale=scale, return_lse=True, **options)
     dq, dk, dv = torch.autograd.grad(o, (q, k, v), do) if o.numel() else (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v))
     return {"o": o, "lse": lse, "dq": dq, "dk": dk, "dv": dv}
 
 
-def assert_flash_accuracy(got, q, k, v, do, causal, scale=None, floor=1e-5):
+def assert_flash_accuracy(got, q, k, v, do, causal, scale=None, floor=1e-5, fn=reference.attention, **options):
     """``got``: dict of the kernel's results. Checks each against float64 with the 2x rule.
 
     The absolute floor is relative to the size of the quantity's pass: ``floor`` times the largest
@@ -28,8 +29,8 @@ def assert_flash_accuracy(got, q, k, v, do, causal, scale=None, floor=1e-5):
     largest exact gradient entry (over dq, dk, dv) for the gradients. It matters only where
     PyTorch's error happens to be exactly 0 (a single key, say), or is below float32's resolution
     of a large quantity (an lse of -400 is resolved to 3e-5)."""
-    exact = attention_and_grads(*(t.double() for t in (q, k, v, do)), causal, scale)
-    same_precision = attention_and_grads(q, k, v, do, causal, scale)
+    exact = attention_and_grads(*(t.double() for t in (q, k, v, do)), causal, scale, fn, **options)
+    same_precision = attention_and_grads(q, k, v, do, causal, scale, fn, **options)
     size = lambda names: max([1.0] + [exact[n].abs().max().item() for n in names if exact[n].numel()])
     finite_lse = exact["lse"][torch.isfinite(exact["lse"])].abs()
     lse_size = max(1.0, finite_lse.max().item()) if finite_lse.numel() else 1.0

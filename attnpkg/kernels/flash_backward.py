@@ -13,11 +13,16 @@ N x N matrix. With ``dP = dO V^T`` and ``D = rowsum(dO * O)``:
 
 Each sum is accumulated by one program in a fixed order, so the result is the same bit for bit
 on every run. The price is that S and dP are computed twice (once per kernel).
+
+Masks visit the same tiles as the forward (:mod:`attnpkg.masks`). With a soft cap the score is
+``z = c tanh(s / c)``, so ``dS`` is multiplied by ``dz/ds = 1 - tanh^2(s / c)``; ALiBi adds a
+constant to the score and leaves ``dS`` unchanged.
 """
 import triton
 import triton.language as tl
 
-from .tiles import load_tile, round_to, tile_and_head, wide_arange
+from ..masks import key_tiles, query_tiles, visible
+from .tiles import load_tile, round_to, score_transform, sequence_bounds, tanh, tile_and_head, wide_arange
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -51,10 +56,30 @@ def flash_backward_preprocess(O, DO, LSE, DLSE, DELTA, LSE2,
 
 
 @triton.jit
+def _probabilities(qk, lse2, qi, kj, n_k, diag, qk_scale, left, right, cap2, slope2,
+                   MASKED: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
+    """Recompute P = 2^(s - lse2) of a tile from the raw products ``qk`` (rows qi, keys kj, either
+    orientation), and the factor that dS takes from the soft cap (1 - tanh^2; 1 without it)."""
+    s = qk * qk_scale
+    dcap = 1.0
+    if SOFTCAP:
+        t = tanh(s / cap2)                                  # as the forward computes it
+        dcap = 1.0 - t * t
+    s = score_transform(s, qi, kj, diag, cap2, slope2, SOFTCAP, ALIBI)
+    if MASKED:
+        # Keys past n_k (a ragged last tile) are masked too, not only hidden ones: their zero score
+        # would give P = e^(-lse), which can overflow, times a zero row of K.
+        s = tl.where(visible(qi, kj, n_k, diag, left, right), s, float("-inf"))
+    return tl.math.exp2(s - lse2), dcap
+
+
+@triton.jit
 def _dkdv_from_query_tiles(dk, dv, k, v, q_base, do_base, dq_base, lse2_base, delta_base, stride_qm, stride_dom,
                            stride_dqm, offs_n, offs_m, offs_d, start, stop, n_q, n_k, diag, qk_scale,
-                           MASKED: tl.constexpr, CAUSAL: tl.constexpr, FUSE_DQ: tl.constexpr, HEAD_DIM: tl.constexpr,
-                           BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                           left, right, cap2, slope2,
+                           MASKED: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, FUSE_DQ: tl.constexpr,
+                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, UPCAST: tl.constexpr,
+                           PRECISION: tl.constexpr):
     """Accumulate dK, dV of one key tile over the query tiles [start, stop) of one query head, and with
     FUSE_DQ add each tile's share dS K of dQ into a float32 buffer.
 
@@ -68,19 +93,14 @@ def _dkdv_from_query_tiles(dk, dv, k, v, q_base, do_base, dq_base, lse2_base, de
         delta = tl.load(delta_base + rows, mask=rows < n_q, other=0.0)
         if UPCAST:
             q, do = q.to(tl.float32), do.to(tl.float32)
-        s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
-        if MASKED:
-            # Keys past n_k (a ragged last tile) and, causal, keys after the query: j <= i + diag.
-            # Masking the former matters where dQ is computed here: their zero score would give
-            # P = e^(-lse), which can overflow, times a zero row of K.
-            visible = offs_n[:, None] < n_k
-            if CAUSAL:
-                visible = visible & (offs_n[:, None] <= rows[None, :] + diag)
-            s_t = tl.where(visible, s_t, float("-inf"))
-        p_t = tl.math.exp2(s_t - lse2[None, :])
+        qk_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)
+        p_t, dcap_t = _probabilities(qk_t, lse2[None, :], rows[None, :], offs_n[:, None], n_k, diag, qk_scale,
+                                     left, right, cap2, slope2, MASKED, SOFTCAP, ALIBI)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)        # dV_J += P_IJ^T dO_I
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)               # dP_IJ^T = V_J dO_I^T
         ds_t = p_t * (dp_t - delta[None, :])
+        if SOFTCAP:
+            ds_t = ds_t * dcap_t
         dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)        # dK_J += dS_IJ^T Q_I
         if FUSE_DQ:
             # The fifth product, dQ_I += dS_IJ K_J, which the dQ kernel would otherwise recompute S
@@ -93,7 +113,7 @@ def _dkdv_from_query_tiles(dk, dv, k, v, q_base, do_base, dq_base, lse2_base, de
 
 
 @triton.jit
-def flash_backward_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, DQ,
+def flash_backward_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, DQ, CU_Q, CU_K, SLOPES,
                                stride_qb, stride_qh, stride_qm, stride_qd,
                                stride_kb, stride_kh, stride_kn, stride_kd,
                                stride_vb, stride_vh, stride_vn, stride_vd,
@@ -101,66 +121,76 @@ def flash_backward_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, DQ,
                                stride_dkb, stride_dkh, stride_dkn, stride_dkd,
                                stride_dvb, stride_dvh, stride_dvn, stride_dvd,
                                stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-                               n_heads, n_q, n_k, qk_scale, scale,
-                               GROUP: tl.constexpr, CAUSAL: tl.constexpr, FUSE_DQ: tl.constexpr,
+                               n_heads, n_q, n_k, lse_head_stride, qk_scale, scale, left, right, cap2,
+                               GROUP: tl.constexpr, VARLEN: tl.constexpr, SOFTCAP: tl.constexpr,
+                               ALIBI: tl.constexpr, FUSE_DQ: tl.constexpr,
                                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                                BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                                INT64: tl.constexpr):
     """Grid: (cdiv(Nk, BLOCK_N) * B * Hq,). One program per key tile and *query* head writes that query
     head's dK and dV of the tile: the gradient itself when GROUP = 1, else a float32 partial that the
     launcher sums over the GROUP query heads of each k/v head (every head of a group works in parallel).
-    With FUSE_DQ it also adds its share of dQ into the float32 buffer DQ (5 products in all)."""
+    With FUSE_DQ it also adds its share of dQ into the float32 buffer DQ (5 products in all).
+    Masks, VARLEN, SOFTCAP and ALIBI as in the forward kernel."""
     start_n, off_bh = tile_and_head(n_k, BLOCK_N, False)
     off_b = (off_bh // n_heads).to(tl.int64)
     off_h = (off_bh % n_heads).to(tl.int64)
     off_hkv = off_h // GROUP
+    q0, n_q, k0, n_k = sequence_bounds(off_b, n_q, n_k, CU_Q, CU_K, VARLEN)
+    if VARLEN:
+        if start_n >= n_k:                        # this sequence is shorter than the longest
+            return
     offs_n = start_n + wide_arange(BLOCK_N, INT64)
     offs_m = wide_arange(BLOCK_M, INT64)
     offs_d = wide_arange(BLOCK_D, INT64)
     kv_ok = (offs_n[:, None] < n_k) & (offs_d[None, :] < HEAD_DIM)
-    k = tl.load(K + off_b * stride_kb + off_hkv * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+    k = tl.load(K + off_b * stride_kb + off_hkv * stride_kh + (k0 + offs_n[:, None]) * stride_kn + offs_d[None, :] * stride_kd,
                 mask=kv_ok, other=0.0)
-    v = tl.load(V + off_b * stride_vb + off_hkv * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+    v = tl.load(V + off_b * stride_vb + off_hkv * stride_vh + (k0 + offs_n[:, None]) * stride_vn + offs_d[None, :] * stride_vd,
                 mask=kv_ok, other=0.0)
     if UPCAST:
         k, v = k.to(tl.float32), v.to(tl.float32)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    slope2 = 0.0
+    if ALIBI:
+        slope2 = tl.load(SLOPES + off_b * n_heads + off_h) * LOG2E
 
-    # Query tiles [masked_start, full_start) cut the causal diagonal of this key tile; tiles from
-    # full_start on see all of it; tiles before masked_start see none of it and are skipped. A
-    # ragged last key tile is masked against every query tile.
+    # Query tiles [start, full_start) and [full_end, stop) see part of this key tile (masked); tiles
+    # [full_start, full_end) see all of it; the others see none of it and are skipped. A ragged last key
+    # tile is masked against every query tile.
     diag = n_k - n_q
-    if CAUSAL:
-        masked_start = (tl.maximum(start_n - diag, 0) // BLOCK_M) * BLOCK_M
-        full_start = tl.minimum(tl.maximum(start_n + BLOCK_N - 1 - diag + BLOCK_M - 1, 0) // BLOCK_M * BLOCK_M, n_q)
-        full_start = tl.maximum(full_start, masked_start)
+    start, full_start, full_end, stop = query_tiles(start_n, n_q, n_k, left, right, BLOCK_N, BLOCK_M)
+    if VARLEN:
+        row0 = off_h * lse_head_stride + q0
     else:
-        masked_start = 0
-        full_start = 0
-    if start_n + BLOCK_N > n_k:
-        full_start = n_q
-    row0 = off_bh.to(tl.int64) * n_q
-    q_base = Q + off_b * stride_qb + off_h * stride_qh + offs_d[None, :] * stride_qd
-    do_base = DO + off_b * stride_dob + off_h * stride_doh + offs_d[None, :] * stride_dod
-    dq_base = DQ + off_b * stride_dqb + off_h * stride_dqh + offs_d[None, :] * stride_dqd
+        row0 = off_bh.to(tl.int64) * n_q
+    q_base = Q + off_b * stride_qb + off_h * stride_qh + q0 * stride_qm + offs_d[None, :] * stride_qd
+    do_base = DO + off_b * stride_dob + off_h * stride_doh + q0 * stride_dom + offs_d[None, :] * stride_dod
+    dq_base = DQ + off_b * stride_dqb + off_h * stride_dqh + q0 * stride_dqm + offs_d[None, :] * stride_dqd
     dk, dv = _dkdv_from_query_tiles(dk, dv, k, v, q_base, do_base, dq_base, LSE2 + row0, DELTA + row0, stride_qm,
-                                    stride_dom, stride_dqm, offs_n, offs_m, offs_d, masked_start, full_start, n_q, n_k,
-                                    diag, qk_scale, True, CAUSAL, FUSE_DQ, HEAD_DIM, BLOCK_D, BLOCK_M, UPCAST, PRECISION)
+                                    stride_dom, stride_dqm, offs_n, offs_m, offs_d, start, full_start, n_q, n_k,
+                                    diag, qk_scale, left, right, cap2, slope2, True, SOFTCAP, ALIBI, FUSE_DQ,
+                                    HEAD_DIM, BLOCK_D, BLOCK_M, UPCAST, PRECISION)
     dk, dv = _dkdv_from_query_tiles(dk, dv, k, v, q_base, do_base, dq_base, LSE2 + row0, DELTA + row0, stride_qm,
-                                    stride_dom, stride_dqm, offs_n, offs_m, offs_d, full_start, n_q, n_q, n_k,
-                                    diag, qk_scale, False, CAUSAL, FUSE_DQ, HEAD_DIM, BLOCK_D, BLOCK_M, UPCAST, PRECISION)
-    tl.store(DK + off_b * stride_dkb + off_h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
+                                    stride_dom, stride_dqm, offs_n, offs_m, offs_d, full_start, full_end, n_q, n_k,
+                                    diag, qk_scale, left, right, cap2, slope2, False, SOFTCAP, ALIBI, FUSE_DQ,
+                                    HEAD_DIM, BLOCK_D, BLOCK_M, UPCAST, PRECISION)
+    dk, dv = _dkdv_from_query_tiles(dk, dv, k, v, q_base, do_base, dq_base, LSE2 + row0, DELTA + row0, stride_qm,
+                                    stride_dom, stride_dqm, offs_n, offs_m, offs_d, full_end, stop, n_q, n_k,
+                                    diag, qk_scale, left, right, cap2, slope2, True, SOFTCAP, ALIBI, FUSE_DQ,
+                                    HEAD_DIM, BLOCK_D, BLOCK_M, UPCAST, PRECISION)
+    tl.store(DK + off_b * stride_dkb + off_h * stride_dkh + (k0 + offs_n[:, None]) * stride_dkn + offs_d[None, :] * stride_dkd,
              round_to(dk * scale, DK.dtype.element_ty, UPCAST), mask=kv_ok)
-    tl.store(DV + off_b * stride_dvb + off_h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
+    tl.store(DV + off_b * stride_dvb + off_h * stride_dvh + (k0 + offs_n[:, None]) * stride_dvn + offs_d[None, :] * stride_dvd,
              round_to(dv, DV.dtype.element_ty, UPCAST), mask=kv_ok)
 
 
 @triton.jit
 def _dq_from_key_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d,
-                       start, stop, n_k, diag, qk_scale,
-                       MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                       UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                       start, stop, n_k, diag, qk_scale, left, right, cap2, slope2,
+                       MASKED: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, HEAD_DIM: tl.constexpr,
+                       BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """Accumulate dQ of one query tile over the key tiles [start, stop)."""
     for start_n in range(start, stop, BLOCK_N):
         cols = start_n + offs_n
@@ -168,70 +198,72 @@ def _dq_from_key_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride
         v = load_tile(v_base + cols[:, None] * stride_vn, cols, n_k, offs_d, MASKED, HEAD_DIM, BLOCK_D)
         if UPCAST:
             k, v = k.to(tl.float32), v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-        if MASKED:
-            # Keys past n_k load as zeros, but that does not make them harmless: their score 0 gives
-            # P = 2^(0 - lse2) = e^(-lse), which overflows (and then inf * 0 = NaN) when every real
-            # score of the row is very negative. So they are masked like the keys causality hides.
-            visible = cols[None, :] < n_k
-            if CAUSAL:
-                visible = visible & (cols[None, :] <= offs_m[:, None] + diag)
-            s = tl.where(visible, s, float("-inf"))
-        p = tl.math.exp2(s - lse2[:, None])
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
+        p, dcap = _probabilities(qk, lse2[:, None], offs_m[:, None], cols[None, :], n_k, diag, qk_scale,
+                                 left, right, cap2, slope2, MASKED, SOFTCAP, ALIBI)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
+        if SOFTCAP:
+            ds = ds * dcap
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
     return dq
 
 
 @triton.jit
-def flash_backward_dq_kernel(Q, K, V, DO, LSE2, DELTA, DQ,
+def flash_backward_dq_kernel(Q, K, V, DO, LSE2, DELTA, DQ, CU_Q, CU_K, SLOPES,
                              stride_qb, stride_qh, stride_qm, stride_qd,
                              stride_kb, stride_kh, stride_kn, stride_kd,
                              stride_vb, stride_vh, stride_vn, stride_vd,
                              stride_dob, stride_doh, stride_dom, stride_dod,
                              stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-                             n_heads, n_q, n_k, qk_scale, scale,
-                             GROUP: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr,
+                             n_heads, n_q, n_k, lse_head_stride, qk_scale, scale, left, right, cap2,
+                             GROUP: tl.constexpr, LONGEST_FIRST: tl.constexpr, VARLEN: tl.constexpr,
+                             SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, HEAD_DIM: tl.constexpr,
                              BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                              UPCAST: tl.constexpr, PRECISION: tl.constexpr, INT64: tl.constexpr):
     """Grid: (cdiv(Nq, BLOCK_M) * B * Hq,). Writes dQ of one query tile of one query head."""
-    start_m, off_bh = tile_and_head(n_q, BLOCK_M, CAUSAL)
+    start_m, off_bh = tile_and_head(n_q, BLOCK_M, LONGEST_FIRST)
     off_b = (off_bh // n_heads).to(tl.int64)
     off_h = (off_bh % n_heads).to(tl.int64)
     off_hkv = off_h // GROUP
+    q0, n_q, k0, n_k = sequence_bounds(off_b, n_q, n_k, CU_Q, CU_K, VARLEN)
+    if VARLEN:
+        if start_m >= n_q:
+            return
     offs_m = start_m + wide_arange(BLOCK_M, INT64)
     offs_n = wide_arange(BLOCK_N, INT64)
     offs_d = wide_arange(BLOCK_D, INT64)
     ok = (offs_m[:, None] < n_q) & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+    q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + (q0 + offs_m[:, None]) * stride_qm + offs_d[None, :] * stride_qd,
                 mask=ok, other=0.0)
-    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + (q0 + offs_m[:, None]) * stride_dom + offs_d[None, :] * stride_dod,
                  mask=ok, other=0.0)
     if UPCAST:
         q, do = q.to(tl.float32), do.to(tl.float32)
-    row = off_bh.to(tl.int64) * n_q + offs_m
+    if VARLEN:
+        row = off_h * lse_head_stride + q0 + offs_m
+    else:
+        row = off_bh.to(tl.int64) * n_q + offs_m
     lse2 = tl.load(LSE2 + row, mask=offs_m < n_q, other=float("inf"))
     delta = tl.load(DELTA + row, mask=offs_m < n_q, other=0.0)
-    k_base = K + off_b * stride_kb + off_hkv * stride_kh + offs_d[None, :] * stride_kd
-    v_base = V + off_b * stride_vb + off_hkv * stride_vh + offs_d[None, :] * stride_vd
+    k_base = K + off_b * stride_kb + off_hkv * stride_kh + k0 * stride_kn + offs_d[None, :] * stride_kd
+    v_base = V + off_b * stride_vb + off_hkv * stride_vh + k0 * stride_vn + offs_d[None, :] * stride_vd
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    slope2 = 0.0
+    if ALIBI:
+        slope2 = tl.load(SLOPES + off_b * n_heads + off_h) * LOG2E
 
-    # Key tiles [0, full_end) are whole and seen by every row; [full_end, stop) need the mask: the
-    # causal diagonal, and the last tile where it runs past n_k.
+    # The forward's schedule: masked [start, full_start), full [full_start, full_end), masked [full_end, stop).
     diag = n_k - n_q
-    if CAUSAL:
-        stop = tl.minimum(n_k, start_m + BLOCK_M + diag)
-        full_end = tl.minimum(tl.maximum(start_m + diag + 1, 0) // BLOCK_N * BLOCK_N, stop)
-        full_end = tl.maximum(full_end, 0)
-    else:
-        stop = n_k
-        full_end = n_k // BLOCK_N * BLOCK_N
+    start, full_start, full_end, stop = key_tiles(start_m, n_q, n_k, left, right, BLOCK_M, BLOCK_N)
     dq = _dq_from_key_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d,
-                            0, full_end, n_k, diag, qk_scale, False, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST,
-                            PRECISION)
+                            start, full_start, n_k, diag, qk_scale, left, right, cap2, slope2, True, SOFTCAP, ALIBI,
+                            HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, PRECISION)
     dq = _dq_from_key_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d,
-                            full_end, stop, n_k, diag, qk_scale, True, CAUSAL, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST,
-                            PRECISION)
-    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
+                            full_start, full_end, n_k, diag, qk_scale, left, right, cap2, slope2, False, SOFTCAP, ALIBI,
+                            HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, PRECISION)
+    dq = _dq_from_key_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d,
+                            full_end, stop, n_k, diag, qk_scale, left, right, cap2, slope2, True, SOFTCAP, ALIBI,
+                            HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, PRECISION)
+    tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + (q0 + offs_m[:, None]) * stride_dqm + offs_d[None, :] * stride_dqd,
              round_to(dq * scale, DQ.dtype.element_ty, UPCAST), mask=ok)

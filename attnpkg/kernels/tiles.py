@@ -57,3 +57,41 @@ def round_to(x, dtype: tl.constexpr, MANUAL_BF16: tl.constexpr):
         bits = bits + 0x7FFF + ((bits >> 16) & 1)          # round half to even on the top 16 bits
         return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
     return x.to(dtype)
+
+
+@triton.jit
+def sequence_bounds(off_b, n_q, n_k, CU_Q, CU_K, VARLEN: tl.constexpr):
+    """``(q0, n_q, k0, n_k)``: first row and length of this program's queries and keys. Dense: 0 and the
+    tensors' lengths. VARLEN (packed sequences): sequence ``off_b``'s slice of the prefix sums."""
+    if VARLEN:
+        q0 = tl.load(CU_Q + off_b)
+        k0 = tl.load(CU_K + off_b)
+        n_q = tl.load(CU_Q + off_b + 1) - q0
+        n_k = tl.load(CU_K + off_b + 1) - k0
+        # The first rows in 64 bits: a row times a row stride of a long packed tensor can pass 2^31.
+        q0 = q0.to(tl.int64)
+        k0 = k0.to(tl.int64)
+    else:
+        q0 = 0
+        k0 = 0
+    return q0, n_q, k0, n_k
+
+
+@triton.jit
+def tanh(x):
+    """tanh from exp2, the one transcendental the kernels already use (also in the interpreter):
+    tanh|x| = (1 - e) / (1 + e) with e = e^(-2|x|) in (0, 1], which cannot overflow."""
+    e = tl.math.exp2(tl.abs(x) * -2.8853900817779268)                  # 2 log2(e)
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def score_transform(s, qi, kj, diag, cap2, slope2, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
+    """The score modifications, on base-2 logits ``s = scale * log2(e) * q.k``: the soft cap
+    ``c tanh(s / c)`` (``cap2 = c log2 e``), then ALiBi's ``- slope |i + Nk - Nq - j|`` (``slope2 = slope log2 e``)."""
+    if SOFTCAP:
+        s = cap2 * tanh(s / cap2)
+    if ALIBI:
+        s = s - slope2 * tl.abs(qi + diag - kj).to(tl.float32)
+    return s
