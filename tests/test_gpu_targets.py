@@ -193,6 +193,8 @@ def tables_used(capability):
     torch.cuda.get_device_name = lambda device=None: name
     try:
         for kernel in attention.HOPPER_TILES:
+            if kernel == "fused" and not attention.FUSED_BACKWARD:    # not launched: see attention.FUSED_BACKWARD
+                continue
             for dtype in _dtypes(capability):
                 for head_dim in HEAD_DIMS:
                     for causal in _causal_flags(attention.tiles_for, attention.HOPPER_TILES, dtype, head_dim):
