@@ -24,7 +24,8 @@ from .check import Finding, Report, _quiet, describe_mismatch, max_error, refere
 
 __all__ = ["softmax_backward", "logsumexp", "matmul_backward", "linear_backward", "attention_backward",
            "causal_mask", "split_heads", "projection_weight_gradient", "online_update", "merge_partials",
-           "forward_tile", "delta", "dq_tile", "attention_flops", "causal_tile_fraction"]
+           "forward_tile", "delta", "dq_tile", "attention_flops", "causal_tile_fraction", "window_mask",
+           "softcap_backward", "ring_merge", "causal_work"]
 
 f64 = torch.float64
 LOG2E = 1.4426950408889634
@@ -460,3 +461,137 @@ def causal_tile_fraction(fn):
                               torch.tensor((n + 1) / (2 * n)))]}
         cases.append((f"N = {n}, tiles of {block}", (n, block), (want,), alts))
     return _grade("causal_tile_fraction", fn, cases, ["fraction"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Chapter 8: masks, windows and packed sequences
+
+def window_mask(fn):
+    """``fn(n_q, n_k, left, right)``: boolean ``(n_q, n_k)``, True where query i sees key j:
+    ``p_i - left <= j <= p_i + right`` with ``p_i = i + n_k - n_q`` (bottom-right), ``-1`` unbounded."""
+    cases = []
+    for n_q, n_k, left, right in ((4, 9, 3, 1), (7, 5, 1, 2), (6, 6, 2, 0), (5, 8, -1, 1), (6, 7, 2, -1)):
+        i, j = torch.arange(n_q)[:, None], torch.arange(n_k)[None, :]
+
+        def band(p, lo, hi, strict=False, literal=False):
+            ok = torch.ones(n_q, n_k, dtype=torch.bool)
+            if lo >= 0 or literal:
+                ok &= (j > p - lo) if strict else (j >= p - lo)
+            if hi >= 0 or literal:
+                ok &= (j < p + hi) if strict else (j <= p + hi)
+            return ok.double()
+        p = i + n_k - n_q
+        want = band(p, left, right)
+        alts = {"mask": [("aligned top-left (p_i = i); the book aligns the last query with the last key, "
+                          "p_i = i + Nk - Nq", band(i, left, right)),
+                         ("left and right are swapped: the window reaches `left` keys back (j >= p_i - left) and "
+                          "`right` keys ahead (j <= p_i + right)", band(p, right, left)),
+                         ("the ends of the window are left out: both bounds include their key, use <=",
+                          band(p, left, right, strict=True)),
+                         ("-1 is taken as a number: it means that side of the window is unbounded",
+                          band(p, left, right, literal=True)),
+                         ("True and False are swapped: True marks the keys a query may see",
+                          1 - band(p, left, right))]}
+        cases.append((f"n_q = {n_q}, n_k = {n_k}, window ({left}, {right})", (n_q, n_k, left, right), (want,), alts))
+    return _grade("window_mask", fn, cases, ["mask"])
+
+
+def softcap_backward(fn):
+    """``fn(s, g, c)``: the gradient reaching the scaled scores ``s`` of ``z = c tanh(s / c)``, given the
+    gradient ``g`` reaching ``z``: ``g (1 - tanh(s / c)^2)``, elementwise."""
+    gen = _gen(13)
+    cases = []
+    for label, c, spread in (("c = 1.5, scores of size ~2", 1.5, 2.0), ("c = 5, scores of size ~8", 5.0, 8.0)):
+        s, g = spread * _randn(4, 6, generator=gen), _randn(4, 6, generator=gen)
+        t = torch.tanh(s / c)
+        want = g * (1 - t**2)
+        alts = {"ds": [("the cap's factor 1 - tanh^2(s / c) is missing: z = c tanh(s / c) depends on s", g),
+                       ("tanh of s instead of s / c: dz/ds = 1 - tanh^2(s / c)", g * (1 - torch.tanh(s) ** 2)),
+                       ("divided by c: the c in front and the 1/c inside cancel, dz/ds = 1 - tanh^2(s / c)",
+                        g * (1 - t**2) / c),
+                       ("tanh is not squared: d tanh(x)/dx = 1 - tanh^2(x)", g * (1 - t)),
+                       ("the factor uses the capped score z = c tanh(s / c) instead of s",
+                        g * (1 - torch.tanh(c * t / c) ** 2))]}
+        cases.append((label, (s, g, c), (want,), alts))
+    return _grade("softcap_backward", fn, cases, ["ds"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# Chapter 9: attention across devices
+
+def ring_merge(fn):
+    """``fn(parts)``: the output ``(n, d)`` and lse ``(n,)`` of a rank's queries over the whole sequence, from
+    the list of ``(o_s, lse_s)`` of its queries against each shard, in the order the ring delivers them
+    (``s = (r - t) mod P``); a shard the causal mask hides comes as ``(0, -inf)``."""
+    gen = _gen(14)
+    cases = []
+    for label, world, rank, causal in (("P = 4, rank 1, causal (contiguous): shards 2 and 3 hidden", 4, 1, True),
+                                       ("P = 3, rank 0, causal (contiguous): only its own shard", 3, 0, True),
+                                       ("P = 3, rank 2, no mask", 3, 2, False)):
+        n, d = 4, 3
+        q = _randn(n, d, generator=gen)
+        k, v = 2 * _randn(world * n, d, generator=gen), _randn(world * n, d, generator=gen)
+        parts = []
+        for t in range(world):
+            s = (rank - t) % world
+            ks, vs = k[s * n:(s + 1) * n], v[s * n:(s + 1) * n]
+            if causal and s > rank:
+                parts.append((torch.zeros(n, d, dtype=f64), torch.full((n,), -math.inf, dtype=f64)))
+            else:
+                r = reference_pass(q, ks, vs, causal=causal and s == rank)
+                parts.append((r["o"], r["lse"]))
+        whole = reference_pass(q, k[:(rank + 1) * n] if causal else k, v[:(rank + 1) * n] if causal else v,
+                               causal=causal)
+        os_, lses = torch.stack([o for o, _ in parts]), torch.stack([lse for _, lse in parts])
+        lse2 = torch.log2(torch.exp2(lses).sum(0))
+        alts = {"o": [(f"o is the plain average of the {world} parts: weight each by exp(lse_s - lse)", os_.mean(0)),
+                      ("o is the sum of the parts: weight each by exp(lse_s - lse)", os_.sum(0)),
+                      ("exp2 / log2 on a natural-log lse: the parts' lse are natural logs, merge with exp and log "
+                       "(logaddexp)", (torch.exp2(lses - lse2)[..., None] * os_).sum(0)),
+                      ("o is the last part alone: the running lse was not updated after each merge, so each merge "
+                       "replaced o by the new part", os_[-1])],
+                "lse": [("lse was never updated: after each merge set lse = logaddexp(lse, lse_s)",
+                         torch.full((n,), -math.inf, dtype=f64)),
+                        ("exp2 / log2 on a natural-log lse: lse = log(sum_s exp(lse_s))", lse2),
+                        ("lse is the last part's lse: it must be the logaddexp of all of them", lses[-1]),
+                        ("lse = max_s lse_s keeps the largest part only", lses.amax(0)),
+                        ("lse = sum_s lse_s multiplies the parts' sums; logaddexp adds them", lses.sum(0))]}
+        cases.append((label, ([(o.clone(), lse.clone()) for o, lse in parts],), (whole["o"], whole["lse"]), alts))
+    return _grade("ring_merge", fn, cases, ["o", "lse"])
+
+
+def causal_work(fn):
+    """``fn(n_total, world, layout)``: the query-key pairs each rank computes for causal attention of ``n_total``
+    tokens on ``world`` ranks, a tensor (or list) of ``world`` numbers, for ``layout`` "contiguous" or "zigzag"
+    (a diagonal block of ``n`` queries counts ``n (n + 1) / 2`` pairs, a full one ``n^2``, a hidden one 0)."""
+    def as_tensor(*args):
+        got = fn(*args)
+        return torch.as_tensor(got, dtype=f64) if isinstance(got, (list, tuple)) else got
+    as_tensor.__name__ = getattr(fn, "__name__", "the function")
+    cases = []
+    for n_total, world in ((64, 4), (48, 3), (96, 8)):
+        n = n_total // world
+        r = torch.arange(world, dtype=f64)
+        diag, ones = n * (n + 1) / 2, torch.ones(world, dtype=f64)
+        average = n_total * (n_total + 1) / 2 / world * ones
+        contiguous = r * n * n + diag
+        zigzag = (diag + (world - 1) * n * n / 2) * ones
+        alts_c = {"work": [("every rank the average: with the contiguous layout rank r computes r earlier shards in "
+                            "full and skips the later ones, so the last rank does about 2P - 1 times the first's work",
+                            average),
+                           ("the diagonal block counted as n^2 pairs: under the causal mask it has n (n + 1) / 2",
+                            (r + 1) * n * n),
+                           ("the diagonal block counted as n (n - 1) / 2: each query sees its own key, n (n + 1) / 2",
+                            r * n * n + n * (n - 1) / 2),
+                           ("the later shards are counted: the causal mask hides them, and the ring skips them",
+                            (world - 1) * n * n + diag * ones)]}
+        alts_z = {"work": [("zigzag counted like the contiguous layout: rank r holds chunks r and 2P - 1 - r, and "
+                            "every rank does the same work", contiguous),
+                           ("the steps off the diagonal counted as n^2 pairs: in zigzag each is half a block "
+                            "(all queries against the early half of the keys, or the late half of the queries "
+                            "against all keys), n^2 / 2", (diag + (world - 1) * n * n) * ones),
+                           ("the diagonal block counted as n^2 pairs: under the causal mask it has n (n + 1) / 2",
+                            (n * n + (world - 1) * n * n / 2) * ones)]}
+        cases.append((f"N = {n_total}, P = {world}, contiguous", (n_total, world, "contiguous"), (contiguous,), alts_c))
+        cases.append((f"N = {n_total}, P = {world}, zigzag", (n_total, world, "zigzag"), (zigzag,), alts_z))
+    return _grade("causal_work", as_tensor, cases, ["work"])

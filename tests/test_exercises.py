@@ -252,6 +252,98 @@ def test_causal_tile_fraction():
     assert_rejects(exercises.causal_tile_fraction(lambda n, block: (n + 1) / (2 * n)), "counts the visible entries")
 
 
+# Chapter 8 -------------------------------------------------------------------------------------------
+
+def _window(n_q, n_k, left, right, *, top_left=False, strict=False, swap=False, literal=False):
+    i, j = torch.arange(n_q)[:, None], torch.arange(n_k)[None, :]
+    p = i if top_left else i + n_k - n_q
+    left, right = (right, left) if swap else (left, right)
+    ok = torch.ones(n_q, n_k, dtype=torch.bool)
+    if left >= 0 or literal:
+        ok &= (j > p - left) if strict else (j >= p - left)
+    if right >= 0 or literal:
+        ok &= (j < p + right) if strict else (j <= p + right)
+    return ok
+
+
+def test_window_mask():
+    assert exercises.window_mask(_window).ok
+    from attnpkg import reference
+    assert exercises.window_mask(lambda n_q, n_k, left, right: reference.window_mask(n_q, n_k, (left, right))).ok
+    assert_rejects(exercises.window_mask(lambda *a: _window(*a, top_left=True)), "aligned top-left")
+    assert_rejects(exercises.window_mask(lambda *a: _window(*a, strict=True)), "ends of the window are left out")
+    assert_rejects(exercises.window_mask(lambda *a: _window(*a, swap=True)), "left and right are swapped")
+    assert_rejects(exercises.window_mask(lambda *a: _window(*a, literal=True)), "-1 is taken as a number")
+    assert_rejects(exercises.window_mask(lambda *a: ~_window(*a)), "True and False are swapped")
+
+
+def test_softcap_backward():
+    assert exercises.softcap_backward(lambda s, g, c: g * (1 - torch.tanh(s / c) ** 2)).ok
+    def by_autograd(s, g, c):
+        s = s.clone().requires_grad_()
+        (c * torch.tanh(s / c)).backward(g)
+        return s.grad
+    assert exercises.softcap_backward(by_autograd).ok
+    assert_rejects(exercises.softcap_backward(lambda s, g, c: g), "factor 1 - tanh^2(s / c) is missing")
+    assert_rejects(exercises.softcap_backward(lambda s, g, c: g * (1 - torch.tanh(s) ** 2)), "tanh of s instead of s / c")
+    assert_rejects(exercises.softcap_backward(lambda s, g, c: g * (1 - torch.tanh(s / c) ** 2) / c), "divided by c")
+    assert_rejects(exercises.softcap_backward(lambda s, g, c: g * (1 - torch.tanh(s / c))), "tanh is not squared")
+
+
+# Chapter 9 -------------------------------------------------------------------------------------------
+
+def _ring_merge(parts, *, update_lse=True):
+    o, lse = torch.zeros_like(parts[0][0]), torch.full_like(parts[0][1], float("-inf"))
+    for o_s, lse_s in parts:
+        new = torch.logaddexp(lse, lse_s)
+        o = torch.exp(lse - new)[:, None] * o + torch.exp(lse_s - new)[:, None] * o_s
+        if update_lse:
+            lse = new
+    return o, lse
+
+
+def test_ring_merge():
+    assert exercises.ring_merge(_ring_merge).ok
+    def stacked(parts):
+        lse = torch.logsumexp(torch.stack([l for _, l in parts]), 0)
+        return sum(torch.exp(l - lse)[:, None] * o for o, l in parts), lse
+    assert exercises.ring_merge(stacked).ok
+    assert_rejects(exercises.ring_merge(lambda parts: (sum(o for o, _ in parts) / len(parts), stacked(parts)[1])),
+                   "plain average of the")
+    assert_rejects(exercises.ring_merge(lambda parts: _ring_merge(parts, update_lse=False)),
+                   "lse was never updated", "o is the last part alone")
+    def base2(parts):
+        lse = torch.log2(sum(torch.exp2(l) for _, l in parts))
+        return sum(torch.exp2(l - lse)[:, None] * o for o, l in parts), lse
+    assert_rejects(exercises.ring_merge(base2), "exp2 / log2 on a natural-log lse")
+    assert_rejects(exercises.ring_merge(lambda parts: (stacked(parts)[0], torch.stack([l for _, l in parts]).amax(0))),
+                   "keeps the largest part only")
+
+
+def _causal_work(n_total, world, layout, *, diag_full=False, zigzag_full=False):
+    n = n_total // world
+    diag = n * n if diag_full else n * (n + 1) / 2
+    if layout == "zigzag":
+        return torch.full((world,), diag + (world - 1) * n * n / (1 if zigzag_full else 2), dtype=torch.float64)
+    return torch.tensor([r * n * n + diag for r in range(world)], dtype=torch.float64)
+
+
+def test_causal_work():
+    assert exercises.causal_work(_causal_work).ok
+    from attnpkg import distributed as cp
+    def from_schedule(n_total, world, layout):
+        n = n_total // world
+        return [sum(cp.block_work(cp.schedule(r, s, world, n, causal=True, layout=layout)) for s in range(world))
+                for r in range(world)]
+    assert exercises.causal_work(from_schedule).ok          # a list is accepted too
+    assert_rejects(exercises.causal_work(lambda n_total, world, layout: [n_total * (n_total + 1) / 2 / world] * world),
+                   "every rank the average")
+    assert_rejects(exercises.causal_work(lambda n_total, world, layout: _causal_work(n_total, world, "contiguous")),
+                   "zigzag counted like the contiguous layout")
+    assert_rejects(exercises.causal_work(lambda *a: _causal_work(*a, diag_full=True)), "diagonal block counted as n^2")
+    assert_rejects(exercises.causal_work(lambda *a: _causal_work(*a, zigzag_full=True)), "steps off the diagonal counted as n^2")
+
+
 # The book ----------------------------------------------------------------------------------------------
 
 def _cells(path):
@@ -260,7 +352,7 @@ def _cells(path):
             for c in json.loads(path.read_text())["cells"]]
 
 
-@pytest.mark.parametrize("chapter", ["01", "02", "03", "04", "05", "06", "07"])
+@pytest.mark.parametrize("chapter", ["01", "02", "03", "04", "05", "06", "07", "08", "09"])
 def test_every_chapter_has_checked_exercises(chapter):
     """At least two exercises per chapter, each: a TODO cell, a cell that grades it, a folded solution that the
     same checker asserts (so every build of the book runs the solution through its checker)."""
