@@ -292,11 +292,12 @@ def test_softcap_backward():
 
 # Chapter 9 -------------------------------------------------------------------------------------------
 
-def _ring_merge(parts, *, update_lse=True):
+def _ring_merge(parts, *, update_lse=True, guard=True):
     o, lse = torch.zeros_like(parts[0][0]), torch.full_like(parts[0][1], float("-inf"))
     for o_s, lse_s in parts:
         new = torch.logaddexp(lse, lse_s)
-        o = torch.exp(lse - new)[:, None] * o + torch.exp(lse_s - new)[:, None] * o_s
+        safe = torch.where(torch.isneginf(new), 0.0, new) if guard else new
+        o = torch.exp(lse - safe)[:, None] * o + torch.exp(lse_s - safe)[:, None] * o_s
         if update_lse:
             lse = new
     return o, lse
@@ -310,6 +311,9 @@ def test_ring_merge():
     assert exercises.ring_merge(stacked).ok
     assert_rejects(exercises.ring_merge(lambda parts: (sum(o for o, _ in parts) / len(parts), stacked(parts)[1])),
                    "plain average of the")
+    unguarded = exercises.ring_merge(lambda parts: _ring_merge(parts, guard=False))
+    assert_rejects(unguarded, "o is NaN", "where the merged lse is still -inf, keep (0, -inf)")
+    assert len(unguarded.failures) == 1 and "hidden shards first" in unguarded.failures[0].case
     assert_rejects(exercises.ring_merge(lambda parts: _ring_merge(parts, update_lse=False)),
                    "lse was never updated", "o is the last part alone")
     def base2(parts):
