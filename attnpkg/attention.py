@@ -511,8 +511,6 @@ def flash_attention(q, k, v, *, causal=False, window_size=(-1, -1), softcap=0.0,
         softcap: ``c > 0`` replaces each scaled score ``s`` by ``c tanh(s / c)`` (Gemma 2); 0 is off.
         alibi_slopes: float32 ``(Hq,)`` or ``(B, Hq)``: adds ``-slope[b, h] |p_i - j|`` to the
             (capped) score (ALiBi). No gradient flows to the slopes.
-        Queries that see no key (with causal, ``i < Nq - Nk``; with windows, rows whose band lies
-        outside ``[0, Nk)``) output zeros, with lse ``-inf`` and zero gradients.
         scale: multiplies ``q k^T`` before the softmax; ``1/sqrt(D)`` by default. It must be
             positive (the kernels take the row maximum before scaling) and, since the kernels
             compute in float32, a normal float32 number (about 1.2e-38 to 1.7e38).
@@ -527,6 +525,8 @@ def flash_attention(q, k, v, *, causal=False, window_size=(-1, -1), softcap=0.0,
 
     Returns:
         ``o`` of shape ``(B, Hq, Nq, D)`` in the dtype of ``q``, and ``lse`` if ``return_lse``.
+        Queries that see no key (with causal, ``i < Nq - Nk``; with windows, rows whose band lies
+        outside ``[0, Nk)``) output zeros, with lse ``-inf`` and zero gradients.
 
     Supported: float16 and bfloat16 (fp32 accumulation) and float32; any ``D`` from 1 to 256; any
     sequence length; strided inputs. CUDA tensors run the compiled kernels; without a CUDA GPU,

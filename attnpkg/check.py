@@ -147,7 +147,7 @@ class Report:
 # Comparing tensors, and saying what is wrong with one.
 
 def max_error(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """Largest |x - ref| (NaN counts as infinite; equal infinities as 0)."""
+    """Largest ``|x - ref|`` (NaN counts as infinite; equal infinities as 0)."""
     if x.numel() == 0:
         return 0.0
     x, ref = x.double(), ref.double()

@@ -14,12 +14,12 @@ sequence are never visited.
 The same ``@triton.jit`` functions serve the forward kernel, both backward kernels and the
 book's figures (through :func:`tile_schedule`, which evaluates them for every tile):
 
-- :func:`key_tiles`: for a query tile, the key tiles it visits, ``[start, stop)``, and among
+- ``key_tiles`` (a Triton function): for a query tile, the key tiles it visits, ``[start, stop)``, and among
   them ``[full_start, full_end)``, the tiles every row sees in full (no mask arithmetic). The
   kernels run three loops: masked ``[start, full_start)``, full ``[full_start, full_end)``, masked
   ``[full_end, stop)``.
-- :func:`query_tiles`: the mirror, for a key tile (the dK/dV kernel).
-- :func:`visible`: the element mask used in every masked loop.
+- ``query_tiles``: the mirror, for a key tile (the dK/dV kernel).
+- ``visible``: the element mask used in every masked loop.
 """
 import torch
 import triton
@@ -61,7 +61,7 @@ def key_tiles(start_m, n_q, n_k, left, right, BLOCK_M: tl.constexpr, BLOCK_N: tl
 
 @triton.jit
 def query_tiles(start_n, n_q, n_k, left, right, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
-    """The mirror of :func:`key_tiles`: query tiles that see the key tile ``[start_n, start_n + BLOCK_N)``.
+    """The mirror of ``key_tiles`` (a Triton function): query tiles that see the key tile ``[start_n, start_n + BLOCK_N)``.
 
     Query ``i`` sees key ``j`` iff ``j - diag - right <= i <= j - diag + left``. Tiles
     ``[full_start, full_end)`` see every key of the tile (rows past ``n_q`` contribute nothing: the
@@ -108,8 +108,8 @@ def tile_schedule(n_q, n_k, block_m, block_n, *, window_size=(-1, -1), causal=Fa
     """Evaluate the kernels' own schedule functions for every tile.
 
     ``by="query"``: one row per query tile, ``(start, full_start, full_end, stop)`` in key positions
-    (:func:`key_tiles`, what the forward and dQ kernels run); ``by="key"``: one row per key tile
-    in query positions (:func:`query_tiles`, the dK/dV kernel). Returns an int32 tensor ``(tiles, 4)``
+    (``key_tiles`` (a Triton function), what the forward and dQ kernels run); ``by="key"``: one row per key tile
+    in query positions (``query_tiles``, the dK/dV kernel). Returns an int32 tensor ``(tiles, 4)``
     (on ``device``: the CPU runs Triton's interpreter)."""
     if by not in ("query", "key"):
         raise ValueError(f"tile_schedule: by must be 'query' or 'key', got {by!r}")
