@@ -456,8 +456,6 @@ def _check_mask_options(name, causal, window_size, softcap, alibi_slopes, batch,
     """Validate the mask options; returns ``(window, softcap, alibi)`` as :class:`Mask` takes them.
 
     ``causal=True`` sets the window's right side to 0, whatever it was (as flash-attn does)."""
-    if not isinstance(causal, bool):
-        raise TypeError(f"{name}: causal must be True or False, got {causal!r}")
     if (not isinstance(window_size, (tuple, list)) or len(window_size) != 2
             or any(isinstance(w, bool) or not isinstance(w, int) for w in window_size)):
         raise TypeError(f"{name}: window_size must be a pair of ints (left, right), -1 for unbounded, got {window_size!r}")
@@ -483,6 +481,16 @@ def _check_mask_options(name, causal, window_size, softcap, alibi_slopes, batch,
             raise ValueError(f"{name}: alibi_slopes is on {alibi_slopes.device}, the inputs on {device}")
         alibi = alibi_slopes.detach().expand(batch, n_heads).contiguous()
     return (left, right), float(softcap), alibi
+
+
+def _resolve(name, scale, deterministic, head_dim):
+    """The scale (``1/sqrt(head_dim)`` by default; its range is checked by _check_inputs) and the
+    determinism (``None``: torch's setting) that the kernels run with."""
+    if deterministic is not None and not isinstance(deterministic, bool):
+        raise TypeError(f"{name}: deterministic must be None, True or False, got {deterministic!r}")
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
+    return (1.0 / math.sqrt(head_dim) if scale is None else float(scale)), deterministic
 
 
 def flash_attention(q, k, v, *, causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, scale=None,
@@ -534,12 +542,8 @@ def flash_attention(q, k, v, *, causal=False, window_size=(-1, -1), softcap=0.0,
     For packed sequences of different lengths see :func:`attnpkg.flash_attention_varlen`.
     """
     _check_inputs(q, k, v, scale)
-    if deterministic is not None and not isinstance(deterministic, bool):
-        raise TypeError(f"flash_attention: deterministic must be None, True or False, got {deterministic!r}")
+    scale, deterministic = _resolve("flash_attention", scale, deterministic, q.shape[-1])
     window, cap, alibi = _check_mask_options("flash_attention", bool(causal),
                                              window_size, softcap, alibi_slopes, q.shape[0], q.shape[1], q.device)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    if deterministic is None:
-        deterministic = torch.are_deterministic_algorithms_enabled()
     o, lse = _run(q, k, v, Mask(window, cap, alibi), scale, deterministic)
     return (o, lse) if return_lse else o

@@ -768,14 +768,18 @@ def _nan_rows(q, k, v, *, causal=False, scale=None, return_lse=False):
     return (o, torch.logsumexp(s, dim=-1)) if return_lse else o
 
 
-class _TransposedDS(torch.autograd.Function):
-    """Forward right; the backward uses dS^T where dS belongs (the shapes agree only when Nq == Nk)."""
+class _ReferenceForward(torch.autograd.Function):
+    """The reference forward pass, saving what a planted backward needs."""
 
     @staticmethod
     def forward(ctx, q, k, v, causal, scale):
         ctx.save_for_backward(q, k, v)
         ctx.causal, ctx.scale = causal, scale
         return reference_pass(q, k, v, causal=causal, scale=scale)["o"]
+
+
+class _TransposedDS(_ReferenceForward):
+    """Forward right; the backward uses dS^T where dS belongs (the shapes agree only when Nq == Nk)."""
 
     @staticmethod
     def backward(ctx, do):
@@ -792,15 +796,9 @@ def _transposed_ds(q, k, v, *, causal=False, scale=None):
     return _TransposedDS.apply(q, k, v, causal, 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale)
 
 
-class _RacyBackward(torch.autograd.Function):
+class _RacyBackward(_ReferenceForward):
     """Right to the last bit but one: dK and dV add the query rows' contributions in a random order,
     as a kernel that accumulates them with atomic adds does."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, causal, scale):
-        ctx.save_for_backward(q, k, v)
-        ctx.causal, ctx.scale = causal, scale
-        return reference_pass(q, k, v, causal=causal, scale=scale)["o"]
 
     @staticmethod
     def backward(ctx, do):

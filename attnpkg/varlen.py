@@ -6,11 +6,9 @@ owns rows ``cu_seqlens_q[b]:cu_seqlens_q[b + 1]``. The kernels see these tensors
 ``(1, H, total, D)`` view; each program reads its sequence's offsets from the prefix sums, so a
 tile never crosses into another sequence and padding costs neither FLOPs nor memory.
 """
-import math
-
 import torch
 
-from .attention import Mask, _check_mask_options, _run
+from .attention import Mask, _check_inputs, _check_mask_options, _resolve, _run
 
 __all__ = ["flash_attention_varlen"]
 
@@ -87,15 +85,10 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                              f"{tuple(cu_seqlens_q.shape)} and {tuple(cu_seqlens_k.shape)}")
     # The (1, H, total, D) views that the kernels take; flash_attention's checks apply to them.
     q4, k4, v4 = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-    from .attention import _check_inputs
     _check_inputs(q4, k4, v4, scale)
-    if deterministic is not None and not isinstance(deterministic, bool):
-        raise TypeError(f"flash_attention_varlen: deterministic must be None, True or False, got {deterministic!r}")
+    scale, deterministic = _resolve("flash_attention_varlen", scale, deterministic, q.shape[-1])
     window, cap, alibi = _check_mask_options("flash_attention_varlen", bool(causal), window_size, softcap,
                                              alibi_slopes, batch, q.shape[1], q.device)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    if deterministic is None:
-        deterministic = torch.are_deterministic_algorithms_enabled()
     mask = Mask(window, cap, alibi, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k))
     o, lse = _run(q4, k4, v4, mask, scale, deterministic)
     o = o.squeeze(0).transpose(0, 1)

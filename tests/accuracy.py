@@ -43,3 +43,12 @@ def assert_flash_accuracy(got, q, k, v, do, causal, scale=None, floor=1e-5, fn=r
         allowed = 2 * torch_err + floor * scales[name]
         assert kernel_err <= allowed, (
             f"{name}: kernel error {kernel_err:.3g} > 2 x PyTorch {q.dtype} error {torch_err:.3g} + {floor:g} x {scales[name]:.3g}")
+
+
+def assert_same_results(o, lse, leaves, want):
+    """``o``, ``lse`` and the gradients in ``leaves[i].grad`` equal ``want`` (a dict as above): the same
+    computation reached another way (compiled against eager, say)."""
+    torch.testing.assert_close(o, want["o"])
+    torch.testing.assert_close(lse, want["lse"])
+    for leaf, name in zip(leaves, ("dq", "dk", "dv")):
+        torch.testing.assert_close(leaf.grad, want[name])

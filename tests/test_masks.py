@@ -5,18 +5,8 @@ import torch
 
 import attnpkg
 from attnpkg import masks, reference
-from accuracy import assert_flash_accuracy
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-HALF = torch.bfloat16 if DEVICE == "cuda" else torch.float16
-
-
-def random_inputs(b, hq, hkv, nq, nk, d, dtype, scale_inputs=1.0):
-    q = torch.randn(b, hq, nq, d, device=DEVICE, dtype=dtype) * scale_inputs
-    k = torch.randn(b, hkv, nk, d, device=DEVICE, dtype=dtype) * scale_inputs
-    v = torch.randn(b, hkv, nk, d, device=DEVICE, dtype=dtype)
-    do = torch.randn(b, hq, nq, d, device=DEVICE, dtype=dtype)
-    return q, k, v, do
+from accuracy import assert_flash_accuracy, assert_same_results
+from test_flash_attention import DEVICE, HALF, random_inputs
 
 
 def run_flash(q, k, v, do, causal=False, **options):
@@ -188,10 +178,7 @@ def test_compiled_with_masks():
     o, lse = fn(*leaves)
     o.backward(do)
     want = run_flash(q, k, v, do, **options)
-    torch.testing.assert_close(o, want["o"])
-    torch.testing.assert_close(lse, want["lse"])
-    for leaf, name in zip(leaves, ("dq", "dk", "dv")):
-        torch.testing.assert_close(leaf.grad, want[name])
+    assert_same_results(o, lse, leaves, want)
 
 
 # --- large shapes on the GPU ----------------------------------------------------------------------

@@ -5,10 +5,8 @@ import torch
 
 import attnpkg
 from attnpkg import reference
-from accuracy import assert_flash_accuracy
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-HALF = torch.bfloat16 if DEVICE == "cuda" else torch.float16
+from accuracy import assert_flash_accuracy, assert_same_results
+from test_flash_attention import DEVICE, HALF
 
 
 def packed(lengths_q, lengths_k, hq, hkv, d, dtype):
@@ -122,10 +120,7 @@ def test_varlen_compiled():
     o, lse = fn(*leaves)
     o.backward(do)
     want = run_varlen(q, k, v, do, cu_q, cu_k, max_q, max_k, causal=True, softcap=5.0)
-    torch.testing.assert_close(o, want["o"])
-    torch.testing.assert_close(lse, want["lse"])
-    for leaf, name in zip(leaves, ("dq", "dk", "dv")):
-        torch.testing.assert_close(leaf.grad, want[name])
+    assert_same_results(o, lse, leaves, want)
 
 
 @pytest.mark.gpu
