@@ -47,7 +47,8 @@ class Tiles(NamedTuple):
     num_warps: int
     num_stages: int
     warp_specialize: bool = False
-    tma: bool = False        # forward only: K and V tiles through tensor descriptors (Hopper's TMA)
+    tma: bool = False        # Hopper's tensor-memory engine: the forward's K and V tiles through tensor
+                             # descriptors; the five-product backward's dQ adds as bulk reductions
 
 
 # Tiles by kernel, padded head dim and causal flag, for Hopper GPUs: the fastest candidates of
@@ -62,8 +63,8 @@ HOPPER_TILES = {
              (128, False): _T(128, 64, 8, 3), (128, True): _T(128, 64, 8, 3),
              (256, False): _T(64, 32, 8, 2), (256, True): _T(64, 32, 8, 2)},
     # The five-product backward (dK, dV and dQ by atomics in one kernel; off, see FUSED_BACKWARD).
-    "fused": {(64, False): _T(128, 32, 4, 3), (64, True): _T(128, 32, 4, 3),        # best of the H200 sweep
-              (128, False): _T(128, 64, 8, 3), (128, True): _T(128, 64, 8, 3),
+    "fused": {(64, False): _T(128, 32, 4, 3, tma=True), (64, True): _T(128, 32, 4, 3, tma=True),
+              (128, False): _T(128, 64, 8, 3, tma=True), (128, True): _T(128, 64, 8, 3, tma=True),
               (256, False): _T(64, 32, 8, 2), (256, True): _T(64, 32, 8, 2)},
     "dq": {(64, False): _T(128, 64, 8, 3), (64, True): _T(128, 64, 8, 3),
            (128, False): _T(128, 128, 8, 2), (128, True): _T(128, 128, 8, 2),
@@ -135,6 +136,17 @@ def _kv_descriptors(k, v, t: Tiles, block_d: int):
         descriptors.append(TensorDescriptor(x, shape=[b * h * n, d], strides=[stride_n, 1],
                                             block_shape=[t.streamed, block_d]))
     return descriptors
+
+
+def _dq_descriptor(dq_acc, t: Tiles, block_d: int):
+    """A tensor descriptor of the float32 dQ buffer as (B * Hq * Nq, D) rows, through which the
+    five-product kernel adds whole tiles (Hopper's bulk reduction), or None: not asked for, Triton too
+    old, rows too narrow for the engine (D * 4 bytes not a multiple of 16) or too many for 32 bits."""
+    b, h, n, d = dq_acc.shape
+    if not t.tma or TensorDescriptor is None or d % 4 or block_d > 128 or b * h * n + t.streamed >= 2**31:
+        return None
+    return TensorDescriptor(dq_acc.view(b * h * n, d), shape=[b * h * n, d], strides=[d, 1],
+                            block_shape=[t.streamed, block_d])
 
 
 # Plain Python on the host: triton.next_power_of_2 and triton.cdiv are slow to call outside a kernel.
@@ -296,10 +308,11 @@ def backward_impl(do, q, k, v, o, lse, dlse, causal, scale: float, deterministic
             HEAD_DIM=head_dim, BLOCK_D=meta["BLOCK_D"], BLOCK_M=rows, HAS_DLSE=dlse is not None, INT64=wide)
         # dK/dV (and dQ by atomics): one program owns a tile of keys and a query head; query tiles stream past it.
         t = tiles_for("fused" if fuse else "dkdv", meta["BLOCK_D"], q.dtype, q.device, banded)
+        dq_desc = _dq_descriptor(dq_acc, t, meta["BLOCK_D"]) if fuse and not packed else None
         launch(flash_backward_dkdv_kernel)[(_cdiv(grid_k, t.own) * sequences * n_heads,)](
-            q, k, v, do, lse2, delta, dk_part, dv_part, dq_acc, *pointers,
+            q, k, v, do, lse2, delta, dk_part, dv_part, dq_acc if dq_desc is None else dq_desc, *pointers,
             *_strides(packed, q, k, v, do, dk_part, dv_part, dq_acc), n_heads, *numbers[:3], scale * LOG2E, scale, *numbers[3:], GROUP=group, **flags,
-            FUSE_DQ=fuse, BLOCK_N=t.own, BLOCK_M=t.streamed, INT64=wide,
+            FUSE_DQ=fuse, DQ_TMA=dq_desc is not None, BLOCK_N=t.own, BLOCK_M=t.streamed, INT64=wide,
             num_warps=t.num_warps, num_stages=t.num_stages, **meta)
         if not fuse:
             # dQ: one program owns a tile of queries; tiles of keys stream past it.

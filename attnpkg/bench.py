@@ -208,18 +208,20 @@ def host_and_gpu_time(provider, head_dim, causal, dtype, n):
         fn = _attnpkg if provider.startswith("attnpkg") else _sdpa(provider)
         q, k, v = (torch.randn(batch, heads, n, head_dim, device="cuda", dtype=dtype, requires_grad=True)
                    for _ in range(3))
-        o = fn(q, k, v, causal)
-        do = torch.randn_like(o)
+        do = torch.randn_like(q)
         forward = lambda: fn(q, k, v, causal)
-        backward = lambda: torch.autograd.grad(o, (q, k, v), do, retain_graph=True)
+        # A CUDA graph can only hold a backward pass whose forward it holds too (autograd runs the
+        # backward on the forward's stream), so the backward is timed as forward + backward - forward.
+        both = lambda: torch.autograd.grad(fn(q, k, v, causal), (q, k, v), do)
         times = {}
-        for mode, step in (("forward", forward), ("backward", backward)):
-            times[mode, "eager"] = do_bench(step, warmup=25, rep=100, return_mode="median")
+        for how, bench in (("eager", lambda f: do_bench(f, warmup=25, rep=100, return_mode="median")),
+                           ("graph", lambda f: do_bench_cudagraph(f, rep=100, return_mode="median"))):
             try:
-                times[mode, "graph"] = do_bench_cudagraph(step, rep=100, return_mode="median")
+                fwd, total = bench(forward), bench(both)
+                times["forward", how], times["backward", how] = fwd, total - fwd
             except Exception as error:         # a backend that cannot be captured: say so, go on
-                print(f"  {provider} {mode}: no CUDA-graph timing ({type(error).__name__}: {error})")
-                times[mode, "graph"] = None
+                print(f"  {provider}: no {how} timing ({type(error).__name__}: {error})")
+                times["forward", how] = times["backward", how] = None
         return times
     finally:
         attention.FUSED_BACKWARD = saved
@@ -236,9 +238,10 @@ def run_host(cases, providers=("attnpkg", "sdpa-cudnn")):
                 eager, graph = times[mode, "eager"], times[mode, "graph"]
                 rows.append(dict(head_dim=head_dim, causal=causal, dtype=dtype_name, n=n, provider=provider,
                                  mode=mode, eager_ms=eager, graph_ms=graph))
-                gap = f"{eager - graph:7.3f}" if graph else "      -"
+                show = lambda ms: f"{ms:7.3f}" if ms is not None else "      -"
+                gap = eager - graph if eager is not None and graph is not None else None
                 print(f"D{head_dim} {'causal' if causal else 'full  '} {dtype_name} N={n:<5} {provider:<14} {mode:<8} "
-                      f"{eager:7.3f} | {graph if graph else float('nan'):7.3f} | {gap}", flush=True)
+                      f"{show(eager)} | {show(graph)} | {show(gap)}", flush=True)
     return rows
 
 
@@ -349,6 +352,9 @@ def run_masks(out_dir, dtype_name="bf16"):
     flash_attention_varlen), and the same 32 documents as a dense batch, B=4 H=16 D=128 N=16384:
     forward and backward TFLOP/s on visible pairs, attnpkg against FlexAttention."""
     from triton.testing import do_bench
+    # Compiled FlexAttention donates its saved buffers to the backward unless told otherwise, which
+    # forbids running one backward repeatedly (retain_graph) as the timing below does.
+    torch._functorch.config.donated_buffer = False
     dtype = DTYPES[dtype_name]
     rows = []
     print(f"\nmasks ({dtype_name}, TFLOP/s on visible pairs): case, attnpkg fwd / flex fwd, attnpkg bwd / flex bwd")

@@ -78,10 +78,12 @@ def _dkdv_from_query_tiles(dk, dv, k, v, q_base, do_base, dq_base, lse2_base, de
                            stride_dqm, offs_n, offs_m, offs_d, start, stop, n_q, n_k, diag, qk_scale,
                            left, right, cap2, slope2,
                            MASKED: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, FUSE_DQ: tl.constexpr,
-                           HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, UPCAST: tl.constexpr,
+                           DQ_TMA: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, UPCAST: tl.constexpr,
                            PRECISION: tl.constexpr):
     """Accumulate dK, dV of one key tile over the query tiles [start, stop) of one query head, and with
-    FUSE_DQ add each tile's share dS K of dQ into a float32 buffer.
+    FUSE_DQ add each tile's share dS K of dQ into a float32 buffer: element by element through
+    ``dq_base``, pointers to the head's first row, or with DQ_TMA as one bulk reduction of the whole
+    tile through the tensor descriptor ``dq_base`` at row ``stride_dqm`` + tile start.
 
     Works on transposed tiles (keys along rows) so that no transpose of P or dS is needed for dK, dV."""
     for start_m in range(start, stop, BLOCK_M):
@@ -107,8 +109,14 @@ def _dkdv_from_query_tiles(dk, dv, k, v, q_base, do_base, dq_base, lse2_base, de
             # and dP for. Other key tiles add to the same rows at the same time: float32 atomic adds,
             # whose order (and so the last bits of dQ) changes from run to run.
             dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=PRECISION)
-            tl.atomic_add(dq_base + rows[:, None] * stride_dqm, dq,
-                          mask=(rows[:, None] < n_q) & (offs_d[None, :] < HEAD_DIM), sem="relaxed")
+            if DQ_TMA:
+                # Hopper's tensor-memory engine adds the tile into global memory in one bulk
+                # operation (cp.reduce.async.bulk): rows past n_q carry exact zeros (P = 0 there),
+                # so adding them to the next head's rows changes nothing.
+                dq_base.atomic_add([stride_dqm + start_m, 0], dq)
+            else:
+                tl.atomic_add(dq_base + rows[:, None] * stride_dqm, dq,
+                              mask=(rows[:, None] < n_q) & (offs_d[None, :] < HEAD_DIM), sem="relaxed")
     return dk, dv
 
 
@@ -123,14 +131,15 @@ def flash_backward_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, DQ, CU_Q, CU_K,
                                stride_dqb, stride_dqh, stride_dqm, stride_dqd,
                                n_heads, n_q, n_k, lse_head_stride, qk_scale, scale, left, right, cap2,
                                GROUP: tl.constexpr, VARLEN: tl.constexpr, SOFTCAP: tl.constexpr,
-                               ALIBI: tl.constexpr, FUSE_DQ: tl.constexpr,
+                               ALIBI: tl.constexpr, FUSE_DQ: tl.constexpr, DQ_TMA: tl.constexpr,
                                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                                BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                                INT64: tl.constexpr):
     """Grid: (cdiv(Nk, BLOCK_N) * B * Hq,). One program per key tile and *query* head writes that query
     head's dK and dV of the tile: the gradient itself when GROUP = 1, else a float32 partial that the
     launcher sums over the GROUP query heads of each k/v head (every head of a group works in parallel).
-    With FUSE_DQ it also adds its share of dQ into the float32 buffer DQ (5 products in all).
+    With FUSE_DQ it also adds its share of dQ into the float32 buffer DQ (5 products in all); with
+    DQ_TMA, DQ is a tensor descriptor of that buffer as (B * Hq * Nq, D) rows.
     Masks, VARLEN, SOFTCAP and ALIBI as in the forward kernel."""
     start_n, off_bh = tile_and_head(n_k, BLOCK_N, False)
     off_b = (off_bh // n_heads).to(tl.int64)
@@ -167,19 +176,23 @@ def flash_backward_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, DQ, CU_Q, CU_K,
         row0 = off_bh.to(tl.int64) * n_q
     q_base = Q + off_b * stride_qb + off_h * stride_qh + q0 * stride_qm + offs_d[None, :] * stride_qd
     do_base = DO + off_b * stride_dob + off_h * stride_doh + q0 * stride_dom + offs_d[None, :] * stride_dod
-    dq_base = DQ + off_b * stride_dqb + off_h * stride_dqh + q0 * stride_dqm + offs_d[None, :] * stride_dqd
+    if DQ_TMA:
+        dq_base = DQ
+        stride_dqm = (off_bh * n_q).to(tl.int32)          # the head's first row in the descriptor
+    else:
+        dq_base = DQ + off_b * stride_dqb + off_h * stride_dqh + q0 * stride_dqm + offs_d[None, :] * stride_dqd
     dk, dv = _dkdv_from_query_tiles(dk, dv, k, v, q_base, do_base, dq_base, LSE2 + row0, DELTA + row0, stride_qm,
                                     stride_dom, stride_dqm, offs_n, offs_m, offs_d, start, full_start, n_q, n_k,
                                     diag, qk_scale, left, right, cap2, slope2, True, SOFTCAP, ALIBI, FUSE_DQ,
-                                    HEAD_DIM, BLOCK_D, BLOCK_M, UPCAST, PRECISION)
+                                    DQ_TMA, HEAD_DIM, BLOCK_D, BLOCK_M, UPCAST, PRECISION)
     dk, dv = _dkdv_from_query_tiles(dk, dv, k, v, q_base, do_base, dq_base, LSE2 + row0, DELTA + row0, stride_qm,
                                     stride_dom, stride_dqm, offs_n, offs_m, offs_d, full_start, full_end, n_q, n_k,
                                     diag, qk_scale, left, right, cap2, slope2, False, SOFTCAP, ALIBI, FUSE_DQ,
-                                    HEAD_DIM, BLOCK_D, BLOCK_M, UPCAST, PRECISION)
+                                    DQ_TMA, HEAD_DIM, BLOCK_D, BLOCK_M, UPCAST, PRECISION)
     dk, dv = _dkdv_from_query_tiles(dk, dv, k, v, q_base, do_base, dq_base, LSE2 + row0, DELTA + row0, stride_qm,
                                     stride_dom, stride_dqm, offs_n, offs_m, offs_d, full_end, stop, n_q, n_k,
                                     diag, qk_scale, left, right, cap2, slope2, True, SOFTCAP, ALIBI, FUSE_DQ,
-                                    HEAD_DIM, BLOCK_D, BLOCK_M, UPCAST, PRECISION)
+                                    DQ_TMA, HEAD_DIM, BLOCK_D, BLOCK_M, UPCAST, PRECISION)
     tl.store(DK + off_b * stride_dkb + off_h * stride_dkh + (k0 + offs_n[:, None]) * stride_dkn + offs_d[None, :] * stride_dkd,
              round_to(dk * scale, DK.dtype.element_ty, UPCAST), mask=kv_ok)
     tl.store(DV + off_b * stride_dvb + off_h * stride_dvh + (k0 + offs_n[:, None]) * stride_dvn + offs_d[None, :] * stride_dvd,
