@@ -298,6 +298,10 @@ def backward_impl(do, q, k, v, o, lse, dlse, causal, scale: float, deterministic
     lse2 = torch.empty_like(delta)
     rows = 32 if _interpreting() else 64
     pointers, numbers, flags, banded, longest_first = _mask_args(q, k, mask)
+    # No mask or causal: the band has no left edge, so neither kernel needs the masked run on that side;
+    # no mask: no right edge either. Unbounded sides drop out of the masked tiles' element test.
+    flags = dict(flags, LEFT_UNBOUNDED=numbers[3] >= numbers[0] + numbers[1],
+                 RIGHT_UNBOUNDED=numbers[4] >= numbers[0] + numbers[1])
     # Packed sequences: the grids span the longest sequences, for each sequence of the batch.
     grid_q, grid_k, sequences = (mask.max_q, mask.max_k, mask.cu_q.shape[0] - 1) if packed else (n_q, n_k, batch)
     with _on_device_of(q):

@@ -354,6 +354,7 @@ def run_masks(out_dir, dtype_name="bf16"):
     from triton.testing import do_bench
     # Compiled FlexAttention donates its saved buffers to the backward unless told otherwise, which
     # forbids running one backward repeatedly (retain_graph) as the timing below does.
+    import torch._functorch.config
     torch._functorch.config.donated_buffer = False
     dtype = DTYPES[dtype_name]
     rows = []

@@ -31,24 +31,40 @@ EMPTY, PARTIAL, FULL = 0, 1, 2
 
 
 @triton.jit
-def visible(qi, kj, n_k, diag, left, right):
+def visible(qi, kj, n_k, diag, left, right, LEFT_UNBOUNDED: tl.constexpr = False,
+            RIGHT_UNBOUNDED: tl.constexpr = False):
     """Whether query ``qi`` sees key ``kj`` (broadcastable integer arrays): the band around
-    ``p = qi + diag`` (``diag = Nk - Nq``), and keys inside ``[0, Nk)`` only."""
-    p = qi + diag
-    return (kj < n_k) & (kj >= p - left) & (kj <= p + right)
+    ``p = qi + diag`` (``diag = Nk - Nq``), and keys inside ``[0, Nk)`` only. A side that is
+    unbounded (a constexpr) is not tested: no mask leaves ``kj < n_k`` alone."""
+    ok = kj < n_k
+    if not LEFT_UNBOUNDED:
+        ok = ok & (kj >= qi + diag - left)
+    if not RIGHT_UNBOUNDED:
+        ok = ok & (kj <= qi + diag + right)
+    return ok
 
 
 @triton.jit
-def key_tiles(start_m, n_q, n_k, left, right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def key_tiles(start_m, n_q, n_k, left, right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              LEFT_UNBOUNDED: tl.constexpr = False):
     """Key tiles visited by the query tile ``[start_m, start_m + BLOCK_M)``: ``(start, full_start, full_end, stop)``.
 
     Tiles ``[start, stop)`` hold every key some row of the tile sees; tiles ``[full_start, full_end)``
     (multiples of BLOCK_N) are seen in full by every row below ``n_q``. Without a full tile,
-    ``full_start = full_end = stop`` (everything is masked). ``stop <= start`` means no key at all."""
+    ``full_start = full_end = stop`` (everything is masked). ``stop <= start`` means no key at all.
+
+    ``LEFT_UNBOUNDED`` (a constexpr: ``left >= Nq + Nk``, no mask or causal): ``start = full_start = 0``,
+    so ``[start, full_start)`` is empty and a kernel need not emit its loop; without a full tile,
+    ``full_end = 0`` and ``[full_end, stop)`` holds every tile. The same tiles, classified the same way."""
     diag = n_k - n_q
     last = tl.minimum(start_m + BLOCK_M, n_q) - 1            # the last real row of the tile
-    start = tl.maximum(start_m + diag - left, 0) // BLOCK_N * BLOCK_N
     stop = tl.minimum(last + diag + right + 1, n_k)
+    if LEFT_UNBOUNDED:
+        # Loop bounds that are multiples of the tile (0, or a multiple of BLOCK_N): the compiler keeps
+        # the full loop's row arithmetic as cheap as with constant bounds.
+        full_end = tl.maximum(tl.minimum(start_m + diag + right + 1, n_k), 0) // BLOCK_N * BLOCK_N
+        return 0, 0, full_end, stop
+    start = tl.maximum(start_m + diag - left, 0) // BLOCK_N * BLOCK_N
     # Full: the first key is at or after the band's left edge of the last row, the last key at or
     # before the band's right edge of the first row, and the tile lies inside [0, Nk).
     full_start = tl.cdiv(tl.maximum(last + diag - left, 0), BLOCK_N) * BLOCK_N
@@ -60,15 +76,25 @@ def key_tiles(start_m, n_q, n_k, left, right, BLOCK_M: tl.constexpr, BLOCK_N: tl
 
 
 @triton.jit
-def query_tiles(start_n, n_q, n_k, left, right, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr):
+def query_tiles(start_n, n_q, n_k, left, right, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                LEFT_UNBOUNDED: tl.constexpr = False):
     """The mirror of ``key_tiles`` (a Triton function): query tiles that see the key tile ``[start_n, start_n + BLOCK_N)``.
 
     Query ``i`` sees key ``j`` iff ``j - diag - right <= i <= j - diag + left``. Tiles
     ``[full_start, full_end)`` see every key of the tile (rows past ``n_q`` contribute nothing: the
-    backward gives them P = 0); a key tile that runs past ``n_k`` is never full."""
+    backward gives them P = 0); a key tile that runs past ``n_k`` is never full.
+
+    ``LEFT_UNBOUNDED`` (a constexpr: ``left >= Nq + Nk``): ``full_end = stop = n_q``, so ``[full_end, stop)``
+    is empty and a kernel need not emit its loop. The same values as without it."""
     diag = n_k - n_q
     last = tl.minimum(start_n + BLOCK_N, n_k) - 1
     start = tl.maximum(start_n - diag - right, 0) // BLOCK_M * BLOCK_M
+    if LEFT_UNBOUNDED:
+        # Every row from the first full one on sees the whole tile. Bounds that are multiples of the tile
+        # (or n_q): the compiler keeps the full loop's row masks as cheap as with constant bounds.
+        full_start = tl.minimum(tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - diag - right, 0), BLOCK_M) * BLOCK_M, n_q)
+        full_start = tl.where(start_n + BLOCK_N > n_k, n_q, full_start)
+        return start, full_start, n_q, n_q
     stop = tl.minimum(last - diag + left + 1, n_q)
     full_start = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - diag - right, 0), BLOCK_M) * BLOCK_M
     first_blind = start_n - diag + left + 1                  # rows from here on miss key start_n
@@ -81,12 +107,14 @@ def query_tiles(start_n, n_q, n_k, left, right, BLOCK_N: tl.constexpr, BLOCK_M: 
 
 @triton.jit
 def _tile_schedule_kernel(OUT, n_q, n_k, left, right, BY_KEY: tl.constexpr,
-                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, LEFT_UNBOUNDED: tl.constexpr):
     tile = tl.program_id(0)
     if BY_KEY:
-        start, full_start, full_end, stop = query_tiles(tile * BLOCK_N, n_q, n_k, left, right, BLOCK_N, BLOCK_M)
+        start, full_start, full_end, stop = query_tiles(tile * BLOCK_N, n_q, n_k, left, right, BLOCK_N, BLOCK_M,
+                                                        LEFT_UNBOUNDED)
     else:
-        start, full_start, full_end, stop = key_tiles(tile * BLOCK_M, n_q, n_k, left, right, BLOCK_M, BLOCK_N)
+        start, full_start, full_end, stop = key_tiles(tile * BLOCK_M, n_q, n_k, left, right, BLOCK_M, BLOCK_N,
+                                                      LEFT_UNBOUNDED)
     tl.store(OUT + tile * 4 + 0, start)
     tl.store(OUT + tile * 4 + 1, full_start)
     tl.store(OUT + tile * 4 + 2, full_end)
@@ -104,7 +132,8 @@ def window_bounds(window_size=(-1, -1), causal=False, n_q=0, n_k=0):
     return (big if left < 0 else min(left, big)), (big if right < 0 else min(right, big))
 
 
-def tile_schedule(n_q, n_k, block_m, block_n, *, window_size=(-1, -1), causal=False, by="query", device=None):
+def tile_schedule(n_q, n_k, block_m, block_n, *, window_size=(-1, -1), causal=False, by="query", device=None,
+                  _left_unbounded=False):
     """Evaluate the kernels' own schedule functions for every tile.
 
     ``by="query"``: one row per query tile, ``(start, full_start, full_end, stop)`` in key positions
@@ -119,15 +148,19 @@ def tile_schedule(n_q, n_k, block_m, block_n, *, window_size=(-1, -1), causal=Fa
     n_tiles = -(-(n_k if by == "key" else n_q) // (block_n if by == "key" else block_m))
     out = torch.empty((n_tiles, 4), dtype=torch.int32, device=device)
     if n_tiles:
+        # _left_unbounded: the variant the backward kernels compile for a band with no left edge.
         _tile_schedule_kernel[(n_tiles,)](out, n_q, n_k, left, right, BY_KEY=by == "key",
+                                          LEFT_UNBOUNDED=_left_unbounded and left >= n_q + n_k,
                                           BLOCK_M=block_m, BLOCK_N=block_n)
     return out
 
 
-def tile_classes(n_q, n_k, block_m, block_n, *, window_size=(-1, -1), causal=False, by="query", device=None):
+def tile_classes(n_q, n_k, block_m, block_n, *, window_size=(-1, -1), causal=False, by="query", device=None,
+                 _left_unbounded=False):
     """``(query tiles, key tiles)`` int tensor of EMPTY (0, never loaded), PARTIAL (1, element mask)
     and FULL (2, no mask), read off :func:`tile_schedule`."""
     s = tile_schedule(n_q, n_k, block_m, block_n, window_size=window_size, causal=causal, by=by,
+                      _left_unbounded=_left_unbounded,
                       device=device).cpu().long()
     own, other = (block_n, block_m) if by == "key" else (block_m, block_n)
     n_other = -(-(n_q if by == "key" else n_k) // other)

@@ -52,6 +52,23 @@ def test_schedule_visits_exactly_the_visible_tiles(shape, window, causal):
             assert torch.equal(got == masks.FULL, truth == masks.FULL), (got, truth)
 
 
+@pytest.mark.parametrize("window,causal", [w for w in WINDOWS if w[0][0] < 0])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_backward_variant_without_a_left_edge_visits_the_same_tiles(shape, window, causal):
+    """No mask and causal have no left edge: the backward kernels then compile a schedule whose masked
+    run on the left side (dQ: before the full run; dK/dV: after it) is always empty, and leave that loop
+    out. It must classify every tile as the general schedule does, and that run must be empty."""
+    n_q, n_k, bm, bn = shape
+    for by in ("query", "key"):
+        general = masks.tile_classes(n_q, n_k, bm, bn, window_size=window, causal=causal, by=by)
+        variant = masks.tile_classes(n_q, n_k, bm, bn, window_size=window, causal=causal, by=by, _left_unbounded=True)
+        assert torch.equal(variant, general), (by, variant, general)
+        start, full_start, full_end, stop = masks.tile_schedule(n_q, n_k, bm, bn, window_size=window, causal=causal,
+                                                                by=by, _left_unbounded=True).long().unbind(1)
+        skipped = (start < full_start) if by == "query" else (full_end < stop)
+        assert not skipped.any(), (by, start, full_start, full_end, stop)
+
+
 def test_window_cost_grows_with_n_times_window():
     """Visited tiles of a window of 64 keys: linear in N (the causal count is quadratic)."""
     counts = {n: int((masks.tile_classes(n, n, 32, 32, window_size=(64, 0)) != masks.EMPTY).sum()) for n in (256, 512, 1024)}

@@ -57,7 +57,8 @@ def flash_backward_preprocess(O, DO, LSE, DLSE, DELTA, LSE2,
 
 @triton.jit
 def _probabilities(qk, lse2, qi, kj, n_k, diag, qk_scale, left, right, cap2, slope2,
-                   MASKED: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr):
+                   MASKED: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+                   LEFT_UNBOUNDED: tl.constexpr, RIGHT_UNBOUNDED: tl.constexpr):
     """Recompute P = 2^(s - lse2) of a tile from the raw products ``qk`` (rows qi, keys kj, either
     orientation), and the factor that dS takes from the soft cap (1 - tanh^2; 1 without it)."""
     s = qk * qk_scale
@@ -69,7 +70,7 @@ def _probabilities(qk, lse2, qi, kj, n_k, diag, qk_scale, left, right, cap2, slo
     if MASKED:
         # Keys past n_k (a ragged last tile) are masked too, not only hidden ones: their zero score
         # would give P = e^(-lse), which can overflow, times a zero row of K.
-        s = tl.where(visible(qi, kj, n_k, diag, left, right), s, float("-inf"))
+        s = tl.where(visible(qi, kj, n_k, diag, left, right, LEFT_UNBOUNDED, RIGHT_UNBOUNDED), s, float("-inf"))
     return tl.math.exp2(s - lse2), dcap
 
 
@@ -77,9 +78,10 @@ def _probabilities(qk, lse2, qi, kj, n_k, diag, qk_scale, left, right, cap2, slo
 def _dkdv_from_query_tiles(dk, dv, k, v, q_base, do_base, dq_base, lse2_base, delta_base, stride_qm, stride_dom,
                            stride_dqm, offs_n, offs_m, offs_d, start, stop, n_q, n_k, diag, qk_scale,
                            left, right, cap2, slope2,
-                           MASKED: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, FUSE_DQ: tl.constexpr,
-                           DQ_TMA: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, UPCAST: tl.constexpr,
-                           PRECISION: tl.constexpr):
+                           MASKED: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+                           LEFT_UNBOUNDED: tl.constexpr, RIGHT_UNBOUNDED: tl.constexpr, FUSE_DQ: tl.constexpr,
+                           DQ_TMA: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                           UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """Accumulate dK, dV of one key tile over the query tiles [start, stop) of one query head, and with
     FUSE_DQ add each tile's share dS K of dQ into a float32 buffer: element by element through
     ``dq_base``, pointers to the head's first row, or with DQ_TMA as one bulk reduction of the whole
@@ -97,7 +99,8 @@ def _dkdv_from_query_tiles(dk, dv, k, v, q_base, do_base, dq_base, lse2_base, de
             q, do = q.to(tl.float32), do.to(tl.float32)
         qk_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)
         p_t, dcap_t = _probabilities(qk_t, lse2[None, :], rows[None, :], offs_n[:, None], n_k, diag, qk_scale,
-                                     left, right, cap2, slope2, MASKED, SOFTCAP, ALIBI)
+                                     left, right, cap2, slope2, MASKED, SOFTCAP, ALIBI, LEFT_UNBOUNDED,
+                                     RIGHT_UNBOUNDED)
         dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)        # dV_J += P_IJ^T dO_I
         dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)               # dP_IJ^T = V_J dO_I^T
         ds_t = p_t * (dp_t - delta[None, :])
@@ -131,7 +134,8 @@ def flash_backward_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, DQ, CU_Q, CU_K,
                                stride_dqb, stride_dqh, stride_dqm, stride_dqd,
                                n_heads, n_q, n_k, lse_head_stride, qk_scale, scale, left, right, cap2,
                                GROUP: tl.constexpr, VARLEN: tl.constexpr, SOFTCAP: tl.constexpr,
-                               ALIBI: tl.constexpr, FUSE_DQ: tl.constexpr, DQ_TMA: tl.constexpr,
+                               ALIBI: tl.constexpr, LEFT_UNBOUNDED: tl.constexpr, RIGHT_UNBOUNDED: tl.constexpr,
+                               FUSE_DQ: tl.constexpr, DQ_TMA: tl.constexpr,
                                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                                BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                                INT64: tl.constexpr):
@@ -169,7 +173,7 @@ def flash_backward_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, DQ, CU_Q, CU_K,
     # [full_start, full_end) see all of it; the others see none of it and are skipped. A ragged last key
     # tile is masked against every query tile.
     diag = n_k - n_q
-    start, full_start, full_end, stop = query_tiles(start_n, n_q, n_k, left, right, BLOCK_N, BLOCK_M)
+    start, full_start, full_end, stop = query_tiles(start_n, n_q, n_k, left, right, BLOCK_N, BLOCK_M, LEFT_UNBOUNDED)
     if VARLEN:
         row0 = off_h * lse_head_stride + q0
     else:
@@ -183,16 +187,20 @@ def flash_backward_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, DQ, CU_Q, CU_K,
         dq_base = DQ + off_b * stride_dqb + off_h * stride_dqh + q0 * stride_dqm + offs_d[None, :] * stride_dqd
     dk, dv = _dkdv_from_query_tiles(dk, dv, k, v, q_base, do_base, dq_base, LSE2 + row0, DELTA + row0, stride_qm,
                                     stride_dom, stride_dqm, offs_n, offs_m, offs_d, start, full_start, n_q, n_k,
-                                    diag, qk_scale, left, right, cap2, slope2, True, SOFTCAP, ALIBI, FUSE_DQ,
-                                    DQ_TMA, HEAD_DIM, BLOCK_D, BLOCK_M, UPCAST, PRECISION)
+                                    diag, qk_scale, left, right, cap2, slope2, True, SOFTCAP, ALIBI,
+                                    LEFT_UNBOUNDED, RIGHT_UNBOUNDED, FUSE_DQ, DQ_TMA,
+                                    HEAD_DIM, BLOCK_D, BLOCK_M, UPCAST, PRECISION)
     dk, dv = _dkdv_from_query_tiles(dk, dv, k, v, q_base, do_base, dq_base, LSE2 + row0, DELTA + row0, stride_qm,
                                     stride_dom, stride_dqm, offs_n, offs_m, offs_d, full_start, full_end, n_q, n_k,
-                                    diag, qk_scale, left, right, cap2, slope2, False, SOFTCAP, ALIBI, FUSE_DQ,
-                                    DQ_TMA, HEAD_DIM, BLOCK_D, BLOCK_M, UPCAST, PRECISION)
-    dk, dv = _dkdv_from_query_tiles(dk, dv, k, v, q_base, do_base, dq_base, LSE2 + row0, DELTA + row0, stride_qm,
-                                    stride_dom, stride_dqm, offs_n, offs_m, offs_d, full_end, stop, n_q, n_k,
-                                    diag, qk_scale, left, right, cap2, slope2, True, SOFTCAP, ALIBI, FUSE_DQ,
-                                    DQ_TMA, HEAD_DIM, BLOCK_D, BLOCK_M, UPCAST, PRECISION)
+                                    diag, qk_scale, left, right, cap2, slope2, False, SOFTCAP, ALIBI,
+                                    LEFT_UNBOUNDED, RIGHT_UNBOUNDED, FUSE_DQ, DQ_TMA,
+                                    HEAD_DIM, BLOCK_D, BLOCK_M, UPCAST, PRECISION)
+    if not LEFT_UNBOUNDED:                  # else full_end = stop = n_q: no masked run after the full one
+        dk, dv = _dkdv_from_query_tiles(dk, dv, k, v, q_base, do_base, dq_base, LSE2 + row0, DELTA + row0, stride_qm,
+                                        stride_dom, stride_dqm, offs_n, offs_m, offs_d, full_end, stop, n_q, n_k,
+                                        diag, qk_scale, left, right, cap2, slope2, True, SOFTCAP, ALIBI,
+                                        LEFT_UNBOUNDED, RIGHT_UNBOUNDED, FUSE_DQ, DQ_TMA,
+                                        HEAD_DIM, BLOCK_D, BLOCK_M, UPCAST, PRECISION)
     tl.store(DK + off_b * stride_dkb + off_h * stride_dkh + (k0 + offs_n[:, None]) * stride_dkn + offs_d[None, :] * stride_dkd,
              round_to(dk * scale, DK.dtype.element_ty, UPCAST), mask=kv_ok)
     tl.store(DV + off_b * stride_dvb + off_h * stride_dvh + (k0 + offs_n[:, None]) * stride_dvn + offs_d[None, :] * stride_dvd,
@@ -202,7 +210,8 @@ def flash_backward_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, DQ, CU_Q, CU_K,
 @triton.jit
 def _dq_from_key_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d,
                        start, stop, n_k, diag, qk_scale, left, right, cap2, slope2,
-                       MASKED: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, HEAD_DIM: tl.constexpr,
+                       MASKED: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, LEFT_UNBOUNDED: tl.constexpr,
+                       RIGHT_UNBOUNDED: tl.constexpr, HEAD_DIM: tl.constexpr,
                        BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """Accumulate dQ of one query tile over the key tiles [start, stop)."""
     for start_n in range(start, stop, BLOCK_N):
@@ -213,7 +222,7 @@ def _dq_from_key_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride
             k, v = k.to(tl.float32), v.to(tl.float32)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         p, dcap = _probabilities(qk, lse2[:, None], offs_m[:, None], cols[None, :], n_k, diag, qk_scale,
-                                 left, right, cap2, slope2, MASKED, SOFTCAP, ALIBI)
+                                 left, right, cap2, slope2, MASKED, SOFTCAP, ALIBI, LEFT_UNBOUNDED, RIGHT_UNBOUNDED)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         if SOFTCAP:
@@ -231,7 +240,8 @@ def flash_backward_dq_kernel(Q, K, V, DO, LSE2, DELTA, DQ, CU_Q, CU_K, SLOPES,
                              stride_dqb, stride_dqh, stride_dqm, stride_dqd,
                              n_heads, n_q, n_k, lse_head_stride, qk_scale, scale, left, right, cap2,
                              GROUP: tl.constexpr, LONGEST_FIRST: tl.constexpr, VARLEN: tl.constexpr,
-                             SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, HEAD_DIM: tl.constexpr,
+                             SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, LEFT_UNBOUNDED: tl.constexpr,
+                             RIGHT_UNBOUNDED: tl.constexpr, HEAD_DIM: tl.constexpr,
                              BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                              UPCAST: tl.constexpr, PRECISION: tl.constexpr, INT64: tl.constexpr):
     """Grid: (cdiv(Nq, BLOCK_M) * B * Hq,). Writes dQ of one query tile of one query head."""
@@ -268,15 +278,19 @@ def flash_backward_dq_kernel(Q, K, V, DO, LSE2, DELTA, DQ, CU_Q, CU_K, SLOPES,
 
     # The forward's schedule: masked [start, full_start), full [full_start, full_end), masked [full_end, stop).
     diag = n_k - n_q
-    start, full_start, full_end, stop = key_tiles(start_m, n_q, n_k, left, right, BLOCK_M, BLOCK_N)
-    dq = _dq_from_key_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d,
-                            start, full_start, n_k, diag, qk_scale, left, right, cap2, slope2, True, SOFTCAP, ALIBI,
-                            HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, PRECISION)
+    start, full_start, full_end, stop = key_tiles(start_m, n_q, n_k, left, right, BLOCK_M, BLOCK_N, LEFT_UNBOUNDED)
+    if not LEFT_UNBOUNDED:                  # else start = full_start = 0: no masked run before the full one
+        dq = _dq_from_key_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d,
+                                start, full_start, n_k, diag, qk_scale, left, right, cap2, slope2, True, SOFTCAP, ALIBI,
+                                LEFT_UNBOUNDED, RIGHT_UNBOUNDED,
+                                HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, PRECISION)
     dq = _dq_from_key_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d,
                             full_start, full_end, n_k, diag, qk_scale, left, right, cap2, slope2, False, SOFTCAP, ALIBI,
+                            LEFT_UNBOUNDED, RIGHT_UNBOUNDED,
                             HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, PRECISION)
     dq = _dq_from_key_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d,
                             full_end, stop, n_k, diag, qk_scale, left, right, cap2, slope2, True, SOFTCAP, ALIBI,
+                            LEFT_UNBOUNDED, RIGHT_UNBOUNDED,
                             HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, PRECISION)
     tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + (q0 + offs_m[:, None]) * stride_dqm + offs_d[None, :] * stride_dqd,
              round_to(dq * scale, DQ.dtype.element_ty, UPCAST), mask=ok)
