@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 
-__all__ = ["Runtime", "setup", "show_source"]
+__all__ = ["Runtime", "setup", "show_source", "results_file"]
 
 
 @dataclass(frozen=True)
@@ -82,3 +82,21 @@ def show_source(obj):
 
     obj = getattr(obj, "fn", obj)          # a @triton.jit kernel wraps the Python function as .fn
     return Code(inspect.getsource(obj), language="python")
+
+
+RAW_URL = "https://raw.githubusercontent.com/attnpkg/attention-gradients/main/"
+
+
+def results_file(path):
+    """A file committed to the repository, e.g. ``"benchmarks/h100/attention.csv"``: read from the
+    checkout when the chapter runs in one (its folder or the one above, or where attnpkg is installed
+    from), otherwise downloaded from the repository into the working folder (Colab)."""
+    from pathlib import Path
+    import urllib.request
+    import attnpkg
+    for root in (Path.cwd(), Path.cwd().parent, Path(attnpkg.__file__).resolve().parents[1]):
+        if (root / path).is_file():
+            return root / path
+    local = Path(Path(path).name)
+    urllib.request.urlretrieve(RAW_URL + path, local)
+    return local
