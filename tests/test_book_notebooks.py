@@ -86,6 +86,16 @@ def test_notebook_committed_without_outputs(path):
             assert not cell.get("outputs") and cell.get("execution_count") is None, f"cell {i} has outputs"
 
 
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_is_valid_nbformat_with_unique_cell_ids(path):
+    """nbformat 4.5 wants an id on every cell (a cell without one is a warning today, an error later)."""
+    import nbformat
+    raw = json.loads(path.read_text())                 # nbformat.read would fill in missing ids
+    ids = [cell.get("id") for cell in raw["cells"]]
+    nbformat.validate(raw)
+    assert None not in ids and len(set(ids)) == len(ids), f"cells without an id or with a repeated one: {ids}"
+
+
 def test_every_notebook_is_in_the_book():
     listed = set(toc_files())
     missing = [p.name for p in NOTEBOOKS if f"notebooks/{p.stem}" not in listed]
