@@ -422,10 +422,11 @@ def run_window_sweep(out_dir, window=4096, dtype_name="bf16", plot=True):
         del q, k, v
         torch.cuda.empty_cache()
     os.makedirs(out_dir, exist_ok=True)
+    env = environment()
     with open(os.path.join(out_dir, "window_sweep.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) + list(env))
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({**row, **env} for row in rows)
     if plot:
         import matplotlib
         matplotlib.use("Agg")
@@ -532,6 +533,8 @@ def main(argv=None):
               "(the kernels run on the CPU only through Triton's interpreter, which is not for timing).")
         return 0
     if args.masks:
+        env = environment()
+        print(f"{env['gpu']} | torch {env['torch']} | triton {env['triton']} | CUDA {env['cuda']} | {env['date']}")
         run_masks(args.out)
         run_window_sweep(args.out, plot=not args.no_plot)
         return 0
