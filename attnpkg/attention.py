@@ -202,7 +202,8 @@ def _as_mask(causal) -> Mask:
 
 def _mask_args(q, k, mask: Mask):
     """The kernels' mask arguments: pointers (CU_Q, CU_K, SLOPES), the numbers (n_q, n_k, stride of an
-    lse head, left, right, cap2), the constexprs, and whether the tiles take the causal table."""
+    lse head, left, right, cap2), the constexprs, whether the tiles take the causal table, whether the
+    longest rows run first, and the open sides of the band (the backward kernels' constexprs)."""
     varlen = mask.cu_q is not None
     n_q, n_k = (mask.max_q, mask.max_k) if varlen else (q.shape[2], k.shape[2])
     left, right = window_bounds(mask.window, False, n_q, n_k)
@@ -210,12 +211,14 @@ def _mask_args(q, k, mask: Mask):
     pointers = (mask.cu_q if varlen else dummy, mask.cu_k if varlen else dummy,
                 mask.alibi if mask.alibi is not None else dummy)
     numbers = (n_q, n_k, q.shape[2], left, right, float(mask.softcap) * LOG2E if mask.softcap else 1.0)
-    banded = left < n_q + n_k or right < n_q + n_k
+    # A side of the band is open when no key lies beyond it (window_bounds made it n_q + n_k).
+    open_sides = dict(LEFT_UNBOUNDED=left >= n_q + n_k, RIGHT_UNBOUNDED=right >= n_q + n_k)
+    banded = not (open_sides["LEFT_UNBOUNDED"] and open_sides["RIGHT_UNBOUNDED"])
     flags = dict(VARLEN=varlen, SOFTCAP=bool(mask.softcap), ALIBI=mask.alibi is not None)
     # The tiles of a row grow with its index when only the right side is bounded (causal): run the
     # longest first.
-    longest_first = right < n_q + n_k and left >= n_q + n_k
-    return pointers, numbers, flags, banded, longest_first
+    longest_first = open_sides["LEFT_UNBOUNDED"] and not open_sides["RIGHT_UNBOUNDED"]
+    return pointers, numbers, flags, banded, longest_first, open_sides
 
 
 def _strides(packed: bool, *tensors):
@@ -237,7 +240,7 @@ def forward_impl(q, k, v, causal, scale: float):
     if n_k == 0:                               # no key at all: every row is fully masked
         return o.zero_(), lse.fill_(float("-inf"))
     meta = _kernel_meta(q)
-    pointers, numbers, flags, banded, longest_first = _mask_args(q, k, mask)
+    pointers, numbers, flags, banded, longest_first, _ = _mask_args(q, k, mask)
     t = tiles_for("forward", meta["BLOCK_D"], q.dtype, q.device, banded)
     # Packed sequences: the rows of a sequence are not one evenly strided block per head, so no TMA.
     descriptors = None if flags["VARLEN"] else _kv_descriptors(k, v, t, meta["BLOCK_D"])
@@ -297,11 +300,10 @@ def backward_impl(do, q, k, v, o, lse, dlse, causal, scale: float, deterministic
     delta = torch.empty((batch, n_heads, n_q), dtype=torch.float32, device=q.device)
     lse2 = torch.empty_like(delta)
     rows = 32 if _interpreting() else 64
-    pointers, numbers, flags, banded, longest_first = _mask_args(q, k, mask)
-    # No mask or causal: the band has no left edge, so neither kernel needs the masked run on that side;
-    # no mask: no right edge either. Unbounded sides drop out of the masked tiles' element test.
-    flags = dict(flags, LEFT_UNBOUNDED=numbers[3] >= numbers[0] + numbers[1],
-                 RIGHT_UNBOUNDED=numbers[4] >= numbers[0] + numbers[1])
+    pointers, numbers, flags, banded, longest_first, open_sides = _mask_args(q, k, mask)
+    # No mask or causal: the band has no left edge, so neither kernel compiles the masked run on that
+    # side; open sides drop out of the masked tiles' element test (the forward keeps its one kernel).
+    flags = dict(flags, **open_sides)
     # Packed sequences: the grids span the longest sequences, for each sequence of the batch.
     grid_q, grid_k, sequences = (mask.max_q, mask.max_k, mask.cu_q.shape[0] - 1) if packed else (n_q, n_k, batch)
     with _on_device_of(q):

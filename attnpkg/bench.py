@@ -117,7 +117,6 @@ def measure_memory(provider, n, head_dim=128, heads=16, batch=1, dtype=torch.bfl
 
 
 def run_memory(out_dir, lengths=(1024, 2048, 4096, 8192, 16384)):
-    env = environment()
     for provider in MEMORY_PROVIDERS:      # warm-up: cuBLAS allocates its workspace on first use
         measure_memory(provider, 256)
     rows = []
@@ -128,14 +127,7 @@ def run_memory(out_dir, lengths=(1024, 2048, 4096, 8192, 16384)):
                              peak_bytes=peak))
         print(f"memory N={n:<6} " + "  ".join(f"{r['provider']} {r['peak_bytes'] / 2**20:9.1f} MiB" if r["peak_bytes"]
                                              else f"{r['provider']} out of memory" for r in rows[-2:]), flush=True)
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, "memory.csv")
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) + list(env))
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({**row, **env})
-    print(f"wrote {path}")
+    print(f"wrote {write_record(out_dir, 'memory.csv', rows)}")
     return rows
 
 
@@ -151,6 +143,19 @@ def environment():
     return {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
             "cuda": torch.version.cuda, "cudnn": str(torch.backends.cudnn.version()),
             "python": platform.python_version(), "date": datetime.date.today().isoformat()}
+
+
+def write_record(out_dir, name, rows, **extra):
+    """Write ``rows`` to ``out_dir/name`` as CSV, each row carrying the machine, the versions and the
+    date (and any ``extra`` columns): a record says where and when it was measured. Returns the path."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, name)
+    stamp = {**environment(), **extra}
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) + list(stamp))
+        writer.writeheader()
+        writer.writerows({**row, **stamp} for row in rows)
+    return path
 
 
 def run(cases, out_dir, plot=True):
@@ -182,14 +187,7 @@ def run(cases, out_dir, plot=True):
                 rows.append(dict(head_dim=head_dim, causal=causal, dtype=dtype_name, n=n, batch=batch, heads=heads,
                                  provider=provider, mode=mode, ms=ms, tflops=tflops))
         print(_case_line(rows, head_dim, causal, dtype_name, n), flush=True)
-    os.makedirs(out_dir, exist_ok=True)
-    csv_path = os.path.join(out_dir, "attention.csv")
-    with open(csv_path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) + list(env) + ["matmul_tflops"])
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({**row, **env, "matmul_tflops": round(ceiling, 1)})
-    print(f"\nwrote {csv_path}")
+    print(f"\nwrote {write_record(out_dir, 'attention.csv', rows, matmul_tflops=round(ceiling, 1))}")
     if plot:
         _plot(rows, env, out_dir)
     print(summary_table(rows))
@@ -273,13 +271,7 @@ def run_gqa(out_dir, causal_flags=(False, True), dtype_name="bf16"):
             line.append(mode[:3] + " " + " ".join(values))
         print(f"B={batch} Hq={hq} Hkv={hkv:<2} N={n} D={head_dim} {'causal' if causal else 'full  '}  " + "  ".join(line),
               flush=True)
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "gqa.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) + list(environment()))
-        writer.writeheader()
-        env = environment()
-        for row in rows:
-            writer.writerow({**row, **env})
+    write_record(out_dir, "gqa.csv", rows)
     return rows
 
 
@@ -391,13 +383,7 @@ def run_masks(out_dir, dtype_name="bf16"):
               f"{t['flex', 'backward']:6.1f} ({t['attnpkg', 'backward'] / t['flex', 'backward']:.2f}x)", flush=True)
         del q, k, v, outputs, providers
         torch.cuda.empty_cache()
-    os.makedirs(out_dir, exist_ok=True)
-    env = environment()
-    with open(os.path.join(out_dir, "masks.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) + list(env))
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({**row, **env})
+    write_record(out_dir, "masks.csv", rows)
     return rows
 
 
@@ -421,12 +407,7 @@ def run_window_sweep(out_dir, window=4096, dtype_name="bf16", plot=True):
             print(f"N={n:6d} {name:12s} {fwd:8.3f} / {bwd:8.3f}", flush=True)
         del q, k, v
         torch.cuda.empty_cache()
-    os.makedirs(out_dir, exist_ok=True)
-    env = environment()
-    with open(os.path.join(out_dir, "window_sweep.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]) + list(env))
-        writer.writeheader()
-        writer.writerows({**row, **env} for row in rows)
+    write_record(out_dir, "window_sweep.csv", rows)
     if plot:
         import matplotlib
         matplotlib.use("Agg")
