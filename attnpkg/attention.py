@@ -47,8 +47,8 @@ class Tiles(NamedTuple):
     num_warps: int
     num_stages: int
     warp_specialize: bool = False
-    tma: bool = False        # Hopper's tensor-memory engine: the forward's K and V tiles through tensor
-                             # descriptors; the five-product backward's dQ adds as bulk reductions
+    tma: bool = False        # Hopper's tensor-memory engine: the streamed tiles (K and V, or Q and dO)
+                             # through tensor descriptors; the five-product backward's dQ adds as bulk reductions
 
 
 # Tiles by kernel, padded head dim and causal flag, for Hopper GPUs: the fastest candidates of
@@ -60,14 +60,14 @@ HOPPER_TILES = {
                 (128, True): _T(128, 128, 8, 3, tma=True),
                 (256, False): _T(64, 32, 8, 2), (256, True): _T(64, 32, 8, 2)},
     "dkdv": {(64, False): _T(128, 32, 4, 3), (64, True): _T(128, 32, 4, 3),
-             (128, False): _T(128, 64, 8, 3), (128, True): _T(128, 64, 8, 3),
+             (128, False): _T(128, 64, 8, 3, tma=True), (128, True): _T(128, 64, 8, 3, tma=True),
              (256, False): _T(64, 32, 8, 2), (256, True): _T(64, 32, 8, 2)},
     # The five-product backward (dK, dV and dQ by atomics in one kernel; off, see FUSED_BACKWARD).
     "fused": {(64, False): _T(128, 32, 4, 3, tma=True), (64, True): _T(128, 32, 4, 3, tma=True),
               (128, False): _T(128, 64, 8, 3, tma=True), (128, True): _T(128, 64, 8, 3, tma=True),
               (256, False): _T(64, 32, 8, 2), (256, True): _T(64, 32, 8, 2)},
     "dq": {(64, False): _T(128, 64, 8, 3), (64, True): _T(128, 64, 8, 3),
-           (128, False): _T(128, 128, 8, 2), (128, True): _T(128, 128, 8, 2),
+           (128, False): _T(128, 128, 8, 2, tma=True), (128, True): _T(128, 128, 8, 2, tma=True),
            (256, False): _T(64, 32, 8, 2), (256, True): _T(64, 32, 8, 2)},
 }
 # Other GPUs (and fp32 inputs, whose tiles take twice the shared memory): smaller tiles that fit in the A100's
@@ -120,33 +120,52 @@ def _shared_memory(device: torch.device) -> int:
     return _device_shared_memory(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def _kv_descriptors(k, v, t: Tiles, block_d: int):
-    """Tensor descriptors of K and V as (B * Hkv * Nk, D) row matrices, or None where TMA can't be used:
-    not asked for, Triton too old, or a layout whose rows are not evenly strided and 16-byte aligned."""
-    if not t.tma or TensorDescriptor is None:
+def _descriptor(x, rows: int, block_d: int):
+    """A tensor descriptor of ``x`` (``(B, H, N, D)``, or a packed ``(1, H, total, D)`` view) as a matrix of
+    its rows, from which a kernel copies ``[rows, block_d]`` tiles with Hopper's tensor memory engine; or
+    None where Triton has no descriptors or the layout allows none.
+
+    Two layouts qualify, with D contiguous and rows 16-byte aligned. Head-major: a head's N rows follow
+    the previous head's (a contiguous ``(B, H, N, D)`` tensor), seen as ``(B * H * N, D)``. Token-major:
+    the heads of one token side by side (SDPA's ``(B, N, H, D)`` transposed, a packed ``(total, H, D)``
+    tensor), seen as ``(tokens, H * D)`` with head h at column ``h * D``; there the tile must be exactly D
+    wide, or it would reach into the next head's columns. ``tiles.descriptor_origin`` finds a head's first
+    row and column in either. Rows past the matrix read as zeros."""
+    if TensorDescriptor is None:
         return None
-    descriptors = []
-    for x in (k, v):
-        b, h, n, d = x.shape
-        stride_b, stride_h, stride_n, stride_d = x.stride()
-        if (stride_d != 1 or stride_h != n * stride_n or stride_b != h * stride_h
-                or (stride_n * x.element_size()) % 16 or x.data_ptr() % 16
-                or b * h * n >= 2**31):                      # the kernel's row coordinate is 32-bit
-            return None
-        descriptors.append(TensorDescriptor(x, shape=[b * h * n, d], strides=[stride_n, 1],
-                                            block_shape=[t.streamed, block_d]))
-    return descriptors
+    b, h, n, d = x.shape
+    stride_b, stride_h, stride_n, stride_d = x.stride()
+    if (stride_d != 1 or n == 0 or stride_n < d or (stride_n * x.element_size()) % 16 or x.data_ptr() % 16
+            or (b > 1 and stride_b % stride_n)):                  # each batch starts on a row
+        return None
+    if h == 1 or stride_h % stride_n == 0:                        # head-major
+        head_rows, width = (stride_h // stride_n if h > 1 else 0), d
+    elif block_d == d and stride_h >= d and (h - 1) * stride_h + d <= stride_n:     # token-major
+        head_rows, width = 0, (h - 1) * stride_h + d
+    else:
+        return None
+    n_rows = (b - 1) * (stride_b // stride_n if b > 1 else 0) + (h - 1) * head_rows + n
+    if n_rows + rows >= 2**31:                                    # the kernels' coordinates are 32-bit
+        return None
+    return TensorDescriptor(x, shape=[n_rows, width], strides=[stride_n, 1], block_shape=[rows, block_d])
+
+
+def _descriptors(t: Tiles, block_d: int, *tensors):
+    """Descriptors of ``tensors`` for tiles of ``t.streamed`` rows, or None unless the tile table asks for
+    them (``t.tma``) and every tensor's layout allows one."""
+    if not t.tma:
+        return None
+    descriptors = [_descriptor(x, t.streamed, block_d) for x in tensors]
+    return None if None in descriptors else descriptors
 
 
 def _dq_descriptor(dq_acc, t: Tiles, block_d: int):
     """A tensor descriptor of the float32 dQ buffer as (B * Hq * Nq, D) rows, through which the
     five-product kernel adds whole tiles (Hopper's bulk reduction), or None: not asked for, Triton too
     old, rows too narrow for the engine (D * 4 bytes not a multiple of 16) or too many for 32 bits."""
-    b, h, n, d = dq_acc.shape
-    if not t.tma or TensorDescriptor is None or d % 4 or block_d > 128 or b * h * n + t.streamed >= 2**31:
+    if not t.tma or block_d > 128:
         return None
-    return TensorDescriptor(dq_acc.view(b * h * n, d), shape=[b * h * n, d], strides=[d, 1],
-                            block_shape=[t.streamed, block_d])
+    return _descriptor(dq_acc, t.streamed, block_d)
 
 
 # Plain Python on the host: triton.next_power_of_2 and triton.cdiv are slow to call outside a kernel.
@@ -242,8 +261,7 @@ def forward_impl(q, k, v, causal, scale: float):
     meta = _kernel_meta(q)
     pointers, numbers, flags, banded, longest_first, _ = _mask_args(q, k, mask)
     t = tiles_for("forward", meta["BLOCK_D"], q.dtype, q.device, banded)
-    # Packed sequences: the rows of a sequence are not one evenly strided block per head, so no TMA.
-    descriptors = None if flags["VARLEN"] else _kv_descriptors(k, v, t, meta["BLOCK_D"])
+    descriptors = _descriptors(t, meta["BLOCK_D"], k, v)
     if flags["VARLEN"]:                  # the grid spans the longest sequence, for each sequence of the batch
         batch, n_q = mask.cu_q.shape[0] - 1, mask.max_q
     with _on_device_of(q):
@@ -315,18 +333,23 @@ def backward_impl(do, q, k, v, o, lse, dlse, causal, scale: float, deterministic
         # dK/dV (and dQ by atomics): one program owns a tile of keys and a query head; query tiles stream past it.
         t = tiles_for("fused" if fuse else "dkdv", meta["BLOCK_D"], q.dtype, q.device, banded)
         dq_desc = _dq_descriptor(dq_acc, t, meta["BLOCK_D"]) if fuse and not packed else None
+        # Q and dO tiles by TMA only where none crosses the end of a head: a tile that did would hold
+        # another head's (or sequence's) rows, and this kernel's full loop does not zero them.
+        qdo = None if packed or n_q % t.streamed else _descriptors(t, meta["BLOCK_D"], q, do)
         launch(flash_backward_dkdv_kernel)[(_cdiv(grid_k, t.own) * sequences * n_heads,)](
-            q, k, v, do, lse2, delta, dk_part, dv_part, dq_acc if dq_desc is None else dq_desc, *pointers,
-            *_strides(packed, q, k, v, do, dk_part, dv_part, dq_acc), n_heads, *numbers[:3], scale * LOG2E, scale, *numbers[3:], GROUP=group, **flags,
-            FUSE_DQ=fuse, DQ_TMA=dq_desc is not None, BLOCK_N=t.own, BLOCK_M=t.streamed, INT64=wide,
+            q, k, v, do, lse2, delta, dk_part, dv_part, dq_acc if dq_desc is None else dq_desc, *(qdo or (q, do)),
+            *pointers, *_strides(packed, q, k, v, do, dk_part, dv_part, dq_acc), n_heads, *numbers[:3],
+            scale * LOG2E, scale, *numbers[3:], GROUP=group, **flags, FUSE_DQ=fuse, DQ_TMA=dq_desc is not None,
+            USE_TMA=qdo is not None, BLOCK_N=t.own, BLOCK_M=t.streamed, INT64=wide,
             num_warps=t.num_warps, num_stages=t.num_stages, **meta)
         if not fuse:
             # dQ: one program owns a tile of queries; tiles of keys stream past it.
             t = tiles_for("dq", meta["BLOCK_D"], q.dtype, q.device, banded)
+            kv = _descriptors(t, meta["BLOCK_D"], k, v)
             launch(flash_backward_dq_kernel)[(_cdiv(grid_q, t.own) * sequences * n_heads,)](
-                q, k, v, do, lse2, delta, dq, *pointers, *_strides(packed, q, k, v, do, dq),
+                q, k, v, do, lse2, delta, dq, *(kv or (k, v)), *pointers, *_strides(packed, q, k, v, do, dq),
                 n_heads, *numbers[:3], scale * LOG2E, scale, *numbers[3:], GROUP=group,
-                LONGEST_FIRST=longest_first, **flags,
+                LONGEST_FIRST=longest_first, **flags, USE_TMA=kv is not None,
                 BLOCK_M=t.own, BLOCK_N=t.streamed, INT64=wide, num_warps=t.num_warps, num_stages=t.num_stages, **meta)
     if fuse:
         dq.copy_(dq_acc.mul_(scale))

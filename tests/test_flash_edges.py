@@ -67,6 +67,53 @@ def test_gpu_other_heads_values_never_leak(dtype, causal):
     assert (o[:, :2].double() - want[:, :2]).abs().max() < 2e-2
 
 
+# 2b. Every kernel's descriptor path, forced on the interpreter (on a GPU the tile table decides): both
+#     layouts a descriptor takes (head-major, token-major), packed sequences, ragged tiles, and
+#     non-finite values in the rows that a tile crossing the end of a head brings in.
+def layout_inputs(b, hq, hkv, nq, nk, d, dtype, token_major):
+    if not token_major:
+        return random_inputs(b, hq, hkv, nq, nk, d, dtype)
+    shapes = ((b, nq, hq, d), (b, nk, hkv, d), (b, nk, hkv, d), (b, nq, hq, d))
+    return [torch.randn(s, device=DEVICE, dtype=dtype).transpose(1, 2) for s in shapes]    # SDPA's layout
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="the interpreter's tiles; GPU runs follow the tile table")
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("token_major", [False, True], ids=["head_major", "token_major"])
+def test_descriptor_paths_on_the_interpreter(monkeypatch, token_major, causal):
+    from attnpkg import attention
+    monkeypatch.setattr(attention, "INTERPRETER_TILES", attention.INTERPRETER_TILES._replace(tma=True))
+    built = []
+    real = attention._descriptor
+    monkeypatch.setattr(attention, "_descriptor", lambda *a: built.append(real(*a)) or built[-1])
+    # Nq = 64: Q and dO tiles by descriptor too; Nk = 72: a key tile crosses into the next k/v head.
+    q, k, v, do = layout_inputs(2, 4, 2, 64, 72, 32, torch.float16, token_major)
+    assert_flash_accuracy(run_flash(q, k, v, do, causal, deterministic=True), q, k, v, do, causal)
+    assert len(built) == 6 and all(d is not None for d in built)       # forward K, V; dK/dV Q, dO; dQ K, V
+    if not token_major:
+        # Non-finite values just past k/v head 0 (the first key of head 1): query heads 0 and 1 stay exact.
+        k, v = k.clone(), v.clone()
+        k[:, 1, 0, 0], v[:, 1, 0, 0] = float("nan"), float("inf")
+        got = run_flash(q, k, v, do, causal, deterministic=True)
+        first = [x[:, :2] if name in ("o", "lse", "dq") else x[:, :1] for name, x in got.items()]
+        assert all(torch.isfinite(x[x != float("-inf")]).all() for x in first)
+        assert_flash_accuracy({name: x for name, x in zip(got, first)}, q[:, :2], k[:, :1], v[:, :1], do[:, :2],
+                              causal)
+    # Packed sequences: token-major, ragged, one empty.
+    lengths = [23, 0, 41, 1]
+    cu = torch.tensor([0, 23, 23, 64, 65], dtype=torch.int32, device=DEVICE)
+    q, k, v, do = (torch.randn(65, h, 32, device=DEVICE, dtype=torch.float16) for h in (4, 2, 2, 4))
+    built.clear()
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    o, lse = attnpkg.flash_attention_varlen(*leaves, cu, cu, max(lengths), max(lengths), causal=causal,
+                                           return_lse=True)
+    o.backward(do)
+    assert len(built) == 4 and all(d is not None for d in built)       # forward and dQ (dK/dV: pointers)
+    got = {"o": o, "lse": lse, "dq": leaves[0].grad, "dk": leaves[1].grad, "dv": leaves[2].grad}
+    assert_flash_accuracy(got, q, k, v, do, causal, fn=attnpkg.reference.attention_varlen, cu_seqlens_q=cu,
+                          cu_seqlens_k=cu)
+
+
 # 3. Row offsets past 2^31 elements: a view whose rows lie 2^20 elements apart.
 @pytest.mark.gpu
 def test_gpu_offsets_past_two_to_the_31():

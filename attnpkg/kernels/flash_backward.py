@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from ..masks import key_tiles, query_tiles, visible
-from .tiles import load_tile, round_to, score_transform, sequence_bounds, tanh, tile_and_head, wide_arange
+from .tiles import descriptor_origin, load_tile, round_to, score_transform, sequence_bounds, tanh, tile_and_head, wide_arange
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -76,22 +76,31 @@ def _probabilities(qk, lse2, qi, kj, n_k, diag, qk_scale, left, right, cap2, slo
 
 @triton.jit
 def _dkdv_from_query_tiles(dk, dv, k, v, q_base, do_base, dq_base, lse2_base, delta_base, stride_qm, stride_dom,
-                           stride_dqm, offs_n, offs_m, offs_d, start, stop, n_q, n_k, diag, qk_scale,
-                           left, right, cap2, slope2,
+                           stride_dqm, q_desc, do_desc, q_row, q_col, do_row, do_col, dq_row,
+                           offs_n, offs_m, offs_d, start, stop, n_q, n_k, diag, qk_scale, left, right, cap2, slope2,
                            MASKED: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
                            LEFT_UNBOUNDED: tl.constexpr, RIGHT_UNBOUNDED: tl.constexpr, FUSE_DQ: tl.constexpr,
-                           DQ_TMA: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                           UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                           DQ_TMA: tl.constexpr, USE_TMA: tl.constexpr, HEAD_DIM: tl.constexpr,
+                           BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """Accumulate dK, dV of one key tile over the query tiles [start, stop) of one query head, and with
     FUSE_DQ add each tile's share dS K of dQ into a float32 buffer: element by element through
     ``dq_base``, pointers to the head's first row, or with DQ_TMA as one bulk reduction of the whole
-    tile through the tensor descriptor ``dq_base`` at row ``stride_dqm`` + tile start.
+    tile through the tensor descriptor ``dq_base`` at row ``dq_row`` + tile start.
+
+    Q and dO tiles come through pointers (``q_base``, ``do_base``), or with USE_TMA through the tensor
+    descriptors ``q_desc``, ``do_desc`` from (``q_row``, ``q_col``), (``do_row``, ``do_col``) on: the launcher
+    takes that path only where no query tile crosses the end of the head (Nq a multiple of BLOCK_M), so
+    every row loaded is this head's.
 
     Works on transposed tiles (keys along rows) so that no transpose of P or dS is needed for dK, dV."""
     for start_m in range(start, stop, BLOCK_M):
         rows = start_m + offs_m
-        q = load_tile(q_base + rows[:, None] * stride_qm, rows, n_q, offs_d, True, HEAD_DIM, BLOCK_D)
-        do = load_tile(do_base + rows[:, None] * stride_dom, rows, n_q, offs_d, True, HEAD_DIM, BLOCK_D)
+        if USE_TMA:
+            q = q_desc.load([q_row + start_m, q_col])
+            do = do_desc.load([do_row + start_m, do_col])
+        else:
+            q = load_tile(q_base + rows[:, None] * stride_qm, rows, n_q, offs_d, True, HEAD_DIM, BLOCK_D)
+            do = load_tile(do_base + rows[:, None] * stride_dom, rows, n_q, offs_d, True, HEAD_DIM, BLOCK_D)
         # Rows past n_q get lse = +inf, hence P = 0, and contribute nothing.
         lse2 = tl.load(lse2_base + rows, mask=rows < n_q, other=float("inf"))
         delta = tl.load(delta_base + rows, mask=rows < n_q, other=0.0)
@@ -116,7 +125,7 @@ def _dkdv_from_query_tiles(dk, dv, k, v, q_base, do_base, dq_base, lse2_base, de
                 # Hopper's tensor-memory engine adds the tile into global memory in one bulk
                 # operation (cp.reduce.async.bulk): rows past n_q carry exact zeros (P = 0 there),
                 # so adding them to the next head's rows changes nothing.
-                dq_base.atomic_add([stride_dqm + start_m, 0], dq)
+                dq_base.atomic_add([dq_row + start_m, 0], dq)
             else:
                 tl.atomic_add(dq_base + rows[:, None] * stride_dqm, dq,
                               mask=(rows[:, None] < n_q) & (offs_d[None, :] < HEAD_DIM), sem="relaxed")
@@ -124,7 +133,7 @@ def _dkdv_from_query_tiles(dk, dv, k, v, q_base, do_base, dq_base, lse2_base, de
 
 
 @triton.jit
-def flash_backward_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, DQ, CU_Q, CU_K, SLOPES,
+def flash_backward_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, DQ, Q_DESC, DO_DESC, CU_Q, CU_K, SLOPES,
                                stride_qb, stride_qh, stride_qm, stride_qd,
                                stride_kb, stride_kh, stride_kn, stride_kd,
                                stride_vb, stride_vh, stride_vn, stride_vd,
@@ -135,7 +144,7 @@ def flash_backward_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, DQ, CU_Q, CU_K,
                                n_heads, n_q, n_k, lse_head_stride, qk_scale, scale, left, right, cap2,
                                GROUP: tl.constexpr, VARLEN: tl.constexpr, SOFTCAP: tl.constexpr,
                                ALIBI: tl.constexpr, LEFT_UNBOUNDED: tl.constexpr, RIGHT_UNBOUNDED: tl.constexpr,
-                               FUSE_DQ: tl.constexpr, DQ_TMA: tl.constexpr,
+                               FUSE_DQ: tl.constexpr, DQ_TMA: tl.constexpr, USE_TMA: tl.constexpr,
                                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                                BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                                INT64: tl.constexpr):
@@ -143,7 +152,8 @@ def flash_backward_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, DQ, CU_Q, CU_K,
     head's dK and dV of the tile: the gradient itself when GROUP = 1, else a float32 partial that the
     launcher sums over the GROUP query heads of each k/v head (every head of a group works in parallel).
     With FUSE_DQ it also adds its share of dQ into the float32 buffer DQ (5 products in all); with
-    DQ_TMA, DQ is a tensor descriptor of that buffer as (B * Hq * Nq, D) rows.
+    DQ_TMA, DQ is a tensor descriptor of that buffer as (B * Hq * Nq, D) rows. With USE_TMA, Q and dO
+    tiles come through the tensor descriptors Q_DESC, DO_DESC (``attention._descriptor``).
     Masks, VARLEN, SOFTCAP and ALIBI as in the forward kernel."""
     start_n, off_bh = tile_and_head(n_k, BLOCK_N, False)
     off_b = (off_bh // n_heads).to(tl.int64)
@@ -180,26 +190,34 @@ def flash_backward_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, DQ, CU_Q, CU_K,
         row0 = off_bh.to(tl.int64) * n_q
     q_base = Q + off_b * stride_qb + off_h * stride_qh + q0 * stride_qm + offs_d[None, :] * stride_qd
     do_base = DO + off_b * stride_dob + off_h * stride_doh + q0 * stride_dom + offs_d[None, :] * stride_dod
+    dq_row = 0
     if DQ_TMA:
         dq_base = DQ
-        stride_dqm = (off_bh * n_q).to(tl.int32)          # the head's first row in the descriptor
+        dq_row, _ = descriptor_origin(off_b, off_h, q0, stride_dqb, stride_dqh, stride_dqm)
     else:
         dq_base = DQ + off_b * stride_dqb + off_h * stride_dqh + q0 * stride_dqm + offs_d[None, :] * stride_dqd
+    q_row, q_col, do_row, do_col = 0, 0, 0, 0
+    if USE_TMA:
+        q_row, q_col = descriptor_origin(off_b, off_h, q0, stride_qb, stride_qh, stride_qm)
+        do_row, do_col = descriptor_origin(off_b, off_h, q0, stride_dob, stride_doh, stride_dom)
     dk, dv = _dkdv_from_query_tiles(dk, dv, k, v, q_base, do_base, dq_base, LSE2 + row0, DELTA + row0, stride_qm,
-                                    stride_dom, stride_dqm, offs_n, offs_m, offs_d, start, full_start, n_q, n_k,
+                                    stride_dom, stride_dqm, Q_DESC, DO_DESC, q_row, q_col, do_row, do_col, dq_row,
+                                    offs_n, offs_m, offs_d, start, full_start, n_q, n_k,
                                     diag, qk_scale, left, right, cap2, slope2, True, SOFTCAP, ALIBI,
-                                    LEFT_UNBOUNDED, RIGHT_UNBOUNDED, FUSE_DQ, DQ_TMA,
+                                    LEFT_UNBOUNDED, RIGHT_UNBOUNDED, FUSE_DQ, DQ_TMA, USE_TMA,
                                     HEAD_DIM, BLOCK_D, BLOCK_M, UPCAST, PRECISION)
     dk, dv = _dkdv_from_query_tiles(dk, dv, k, v, q_base, do_base, dq_base, LSE2 + row0, DELTA + row0, stride_qm,
-                                    stride_dom, stride_dqm, offs_n, offs_m, offs_d, full_start, full_end, n_q, n_k,
+                                    stride_dom, stride_dqm, Q_DESC, DO_DESC, q_row, q_col, do_row, do_col, dq_row,
+                                    offs_n, offs_m, offs_d, full_start, full_end, n_q, n_k,
                                     diag, qk_scale, left, right, cap2, slope2, False, SOFTCAP, ALIBI,
-                                    LEFT_UNBOUNDED, RIGHT_UNBOUNDED, FUSE_DQ, DQ_TMA,
+                                    LEFT_UNBOUNDED, RIGHT_UNBOUNDED, FUSE_DQ, DQ_TMA, USE_TMA,
                                     HEAD_DIM, BLOCK_D, BLOCK_M, UPCAST, PRECISION)
     if not LEFT_UNBOUNDED:                  # else full_end = stop = n_q: no masked run after the full one
         dk, dv = _dkdv_from_query_tiles(dk, dv, k, v, q_base, do_base, dq_base, LSE2 + row0, DELTA + row0, stride_qm,
-                                        stride_dom, stride_dqm, offs_n, offs_m, offs_d, full_end, stop, n_q, n_k,
+                                        stride_dom, stride_dqm, Q_DESC, DO_DESC, q_row, q_col, do_row, do_col, dq_row,
+                                        offs_n, offs_m, offs_d, full_end, stop, n_q, n_k,
                                         diag, qk_scale, left, right, cap2, slope2, True, SOFTCAP, ALIBI,
-                                        LEFT_UNBOUNDED, RIGHT_UNBOUNDED, FUSE_DQ, DQ_TMA,
+                                        LEFT_UNBOUNDED, RIGHT_UNBOUNDED, FUSE_DQ, DQ_TMA, USE_TMA,
                                         HEAD_DIM, BLOCK_D, BLOCK_M, UPCAST, PRECISION)
     tl.store(DK + off_b * stride_dkb + off_h * stride_dkh + (k0 + offs_n[:, None]) * stride_dkn + offs_d[None, :] * stride_dkd,
              round_to(dk * scale, DK.dtype.element_ty, UPCAST), mask=kv_ok)
@@ -208,16 +226,27 @@ def flash_backward_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, DQ, CU_Q, CU_K,
 
 
 @triton.jit
-def _dq_from_key_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d,
-                       start, stop, n_k, diag, qk_scale, left, right, cap2, slope2,
-                       MASKED: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, LEFT_UNBOUNDED: tl.constexpr,
-                       RIGHT_UNBOUNDED: tl.constexpr, HEAD_DIM: tl.constexpr,
-                       BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """Accumulate dQ of one query tile over the key tiles [start, stop)."""
+def _dq_from_key_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, k_desc, v_desc, k_row, k_col,
+                       v_row, v_col, offs_m, offs_n, offs_d, start, stop, n_k, diag, qk_scale, left, right, cap2,
+                       slope2, MASKED: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
+                       LEFT_UNBOUNDED: tl.constexpr, RIGHT_UNBOUNDED: tl.constexpr, USE_TMA: tl.constexpr,
+                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+                       PRECISION: tl.constexpr):
+    """Accumulate dQ of one query tile over the key tiles [start, stop). K and V tiles come through
+    pointers, or with USE_TMA through tensor descriptors, as in the forward kernel."""
     for start_n in range(start, stop, BLOCK_N):
         cols = start_n + offs_n
-        k = load_tile(k_base + cols[:, None] * stride_kn, cols, n_k, offs_d, MASKED, HEAD_DIM, BLOCK_D)
-        v = load_tile(v_base + cols[:, None] * stride_vn, cols, n_k, offs_d, MASKED, HEAD_DIM, BLOCK_D)
+        if USE_TMA:
+            k = k_desc.load([k_row + start_n, k_col])
+            v = v_desc.load([v_row + start_n, v_col])
+            if MASKED:
+                # A tile that crosses the end of the keys holds the next head's rows: P = 0 there, but
+                # 0 times a non-finite value is NaN, so they are zeroed (full tiles never cross it).
+                k = tl.where(cols[:, None] < n_k, k, 0.0)
+                v = tl.where(cols[:, None] < n_k, v, 0.0)
+        else:
+            k = load_tile(k_base + cols[:, None] * stride_kn, cols, n_k, offs_d, MASKED, HEAD_DIM, BLOCK_D)
+            v = load_tile(v_base + cols[:, None] * stride_vn, cols, n_k, offs_d, MASKED, HEAD_DIM, BLOCK_D)
         if UPCAST:
             k, v = k.to(tl.float32), v.to(tl.float32)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
@@ -232,7 +261,7 @@ def _dq_from_key_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride
 
 
 @triton.jit
-def flash_backward_dq_kernel(Q, K, V, DO, LSE2, DELTA, DQ, CU_Q, CU_K, SLOPES,
+def flash_backward_dq_kernel(Q, K, V, DO, LSE2, DELTA, DQ, K_DESC, V_DESC, CU_Q, CU_K, SLOPES,
                              stride_qb, stride_qh, stride_qm, stride_qd,
                              stride_kb, stride_kh, stride_kn, stride_kd,
                              stride_vb, stride_vh, stride_vn, stride_vd,
@@ -241,10 +270,11 @@ def flash_backward_dq_kernel(Q, K, V, DO, LSE2, DELTA, DQ, CU_Q, CU_K, SLOPES,
                              n_heads, n_q, n_k, lse_head_stride, qk_scale, scale, left, right, cap2,
                              GROUP: tl.constexpr, LONGEST_FIRST: tl.constexpr, VARLEN: tl.constexpr,
                              SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, LEFT_UNBOUNDED: tl.constexpr,
-                             RIGHT_UNBOUNDED: tl.constexpr, HEAD_DIM: tl.constexpr,
+                             RIGHT_UNBOUNDED: tl.constexpr, USE_TMA: tl.constexpr, HEAD_DIM: tl.constexpr,
                              BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                              UPCAST: tl.constexpr, PRECISION: tl.constexpr, INT64: tl.constexpr):
-    """Grid: (cdiv(Nq, BLOCK_M) * B * Hq,). Writes dQ of one query tile of one query head."""
+    """Grid: (cdiv(Nq, BLOCK_M) * B * Hq,). Writes dQ of one query tile of one query head. With USE_TMA,
+    K and V tiles come through the tensor descriptors K_DESC, V_DESC, as in the forward kernel."""
     start_m, off_bh = tile_and_head(n_q, BLOCK_M, LONGEST_FIRST)
     off_b = (off_bh // n_heads).to(tl.int64)
     off_h = (off_bh % n_heads).to(tl.int64)
@@ -271,6 +301,10 @@ def flash_backward_dq_kernel(Q, K, V, DO, LSE2, DELTA, DQ, CU_Q, CU_K, SLOPES,
     delta = tl.load(DELTA + row, mask=offs_m < n_q, other=0.0)
     k_base = K + off_b * stride_kb + off_hkv * stride_kh + k0 * stride_kn + offs_d[None, :] * stride_kd
     v_base = V + off_b * stride_vb + off_hkv * stride_vh + k0 * stride_vn + offs_d[None, :] * stride_vd
+    k_row, k_col, v_row, v_col = 0, 0, 0, 0
+    if USE_TMA:
+        k_row, k_col = descriptor_origin(off_b, off_hkv, k0, stride_kb, stride_kh, stride_kn)
+        v_row, v_col = descriptor_origin(off_b, off_hkv, k0, stride_vb, stride_vh, stride_vn)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     slope2 = 0.0
     if ALIBI:
@@ -280,17 +314,17 @@ def flash_backward_dq_kernel(Q, K, V, DO, LSE2, DELTA, DQ, CU_Q, CU_K, SLOPES,
     diag = n_k - n_q
     start, full_start, full_end, stop = key_tiles(start_m, n_q, n_k, left, right, BLOCK_M, BLOCK_N, LEFT_UNBOUNDED)
     if not LEFT_UNBOUNDED:                  # else start = full_start = 0: no masked run before the full one
-        dq = _dq_from_key_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d,
-                                start, full_start, n_k, diag, qk_scale, left, right, cap2, slope2, True, SOFTCAP, ALIBI,
-                                LEFT_UNBOUNDED, RIGHT_UNBOUNDED,
-                                HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, PRECISION)
-    dq = _dq_from_key_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d,
-                            full_start, full_end, n_k, diag, qk_scale, left, right, cap2, slope2, False, SOFTCAP, ALIBI,
-                            LEFT_UNBOUNDED, RIGHT_UNBOUNDED,
-                            HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, PRECISION)
-    dq = _dq_from_key_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, offs_m, offs_n, offs_d,
-                            full_end, stop, n_k, diag, qk_scale, left, right, cap2, slope2, True, SOFTCAP, ALIBI,
-                            LEFT_UNBOUNDED, RIGHT_UNBOUNDED,
-                            HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, PRECISION)
+        dq = _dq_from_key_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, K_DESC, V_DESC, k_row,
+                                k_col, v_row, v_col, offs_m, offs_n, offs_d, start, full_start, n_k, diag, qk_scale,
+                                left, right, cap2, slope2, True, SOFTCAP, ALIBI, LEFT_UNBOUNDED, RIGHT_UNBOUNDED,
+                                USE_TMA, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, PRECISION)
+    dq = _dq_from_key_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, K_DESC, V_DESC, k_row,
+                            k_col, v_row, v_col, offs_m, offs_n, offs_d, full_start, full_end, n_k, diag, qk_scale,
+                            left, right, cap2, slope2, False, SOFTCAP, ALIBI, LEFT_UNBOUNDED, RIGHT_UNBOUNDED,
+                            USE_TMA, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, PRECISION)
+    dq = _dq_from_key_tiles(dq, q, do, lse2, delta, k_base, v_base, stride_kn, stride_vn, K_DESC, V_DESC, k_row,
+                            k_col, v_row, v_col, offs_m, offs_n, offs_d, full_end, stop, n_k, diag, qk_scale,
+                            left, right, cap2, slope2, True, SOFTCAP, ALIBI, LEFT_UNBOUNDED, RIGHT_UNBOUNDED,
+                            USE_TMA, HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, PRECISION)
     tl.store(DQ + off_b * stride_dqb + off_h * stride_dqh + (q0 + offs_m[:, None]) * stride_dqm + offs_d[None, :] * stride_dqd,
              round_to(dq * scale, DQ.dtype.element_ty, UPCAST), mask=ok)

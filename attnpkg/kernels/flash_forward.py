@@ -17,15 +17,15 @@ import triton
 import triton.language as tl
 
 from ..masks import key_tiles, visible
-from .tiles import load_tile, round_to, score_transform, sequence_bounds, tile_and_head, wide_arange
+from .tiles import descriptor_origin, load_tile, round_to, score_transform, sequence_bounds, tile_and_head, wide_arange
 
 LN2 = tl.constexpr(0.6931471805599453)
 LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
-def _attend_to_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, k_desc, v_desc, kv_row0,
-                     offs_m, offs_n, offs_d, start, stop, n_k, diag, qk_scale, left, right, cap2, slope2,
+def _attend_to_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, k_desc, v_desc, k_row, k_col, v_row,
+                     v_col, offs_m, offs_n, offs_d, start, stop, n_k, diag, qk_scale, left, right, cap2, slope2,
                      MASKED: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, HEAD_DIM: tl.constexpr,
                      BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
                      PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, USE_TMA: tl.constexpr):
@@ -34,11 +34,11 @@ def _attend_to_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, k_d
         cols = start_n + offs_n
         if USE_TMA:
             # Hopper's tensor memory accelerator copies the tile. A tile that crosses the end of this
-            # head's keys brings in the next head's rows (zeros past the tensor): their scores are
-            # masked below, and their values must be zeroed too, since p = 0 times a non-finite
-            # value is NaN.
-            k = k_desc.load([kv_row0 + start_n, 0])
-            v = v_desc.load([kv_row0 + start_n, 0])
+            # head's (or sequence's) keys brings in the next one's rows (zeros past the tensor): their
+            # scores are masked below, and their values must be zeroed too, since p = 0 times a
+            # non-finite value is NaN. Full tiles never cross it (masks.key_tiles).
+            k = k_desc.load([k_row + start_n, k_col])
+            v = v_desc.load([v_row + start_n, v_col])
             if MASKED:
                 v = tl.where(cols[:, None] < n_k, v, 0.0)
         else:
@@ -99,7 +99,8 @@ def flash_forward_kernel(Q, K, V, O, LSE, K_DESC, V_DESC, CU_Q, CU_K, SLOPES,
     ``CU_Q[b]:CU_Q[b+1]`` and keys ``CU_K[b]:CU_K[b+1]`` (LSE is (Hq, total_q), rows ``lse_head_stride``
     apart). SOFTCAP: each scaled score s becomes c tanh(s / c) (``cap2 = c log2 e``); ALIBI: minus
     ``SLOPES[b, h] * |i + Nk - Nq - j|``.
-    With USE_TMA, K_DESC and V_DESC are tensor descriptors of K and V viewed as (B * Hkv * Nk, D).
+    With USE_TMA, K_DESC and V_DESC are tensor descriptors of K and V viewed as matrices of their rows
+    (``attention._descriptor``; ``tiles.descriptor_origin`` finds a head's first row in them).
     With INT64, row offsets are 64-bit (a row index times a row stride can pass 2^31)."""
     start_m, off_bh = tile_and_head(n_q, BLOCK_M, LONGEST_FIRST)
     off_b = (off_bh // n_heads).to(tl.int64)
@@ -121,7 +122,10 @@ def flash_forward_kernel(Q, K, V, O, LSE, K_DESC, V_DESC, CU_Q, CU_K, SLOPES,
         q = q.to(tl.float32)
     k_base = K + off_b * stride_kb + off_hkv * stride_kh + k0 * stride_kn + offs_d[None, :] * stride_kd
     v_base = V + off_b * stride_vb + off_hkv * stride_vh + k0 * stride_vn + offs_d[None, :] * stride_vd
-    kv_row0 = ((off_b * (n_heads // GROUP) + off_hkv) * n_k).to(tl.int32)   # first row of this k/v head
+    k_row, k_col, v_row, v_col = 0, 0, 0, 0
+    if USE_TMA:                                   # where this k/v head (and sequence) starts in K_DESC, V_DESC
+        k_row, k_col = descriptor_origin(off_b, off_hkv, k0, stride_kb, stride_kh, stride_kn)
+        v_row, v_col = descriptor_origin(off_b, off_hkv, k0, stride_vb, stride_vh, stride_vn)
     slope2 = 0.0
     if ALIBI:
         slope2 = tl.load(SLOPES + off_b * n_heads + off_h) * LOG2E
@@ -134,17 +138,17 @@ def flash_forward_kernel(Q, K, V, O, LSE, K_DESC, V_DESC, CU_Q, CU_K, SLOPES,
     # seen in full by every row of this query tile. Tiles outside [start, stop) are never loaded.
     diag = n_k - n_q
     start, full_start, full_end, stop = key_tiles(start_m, n_q, n_k, left, right, BLOCK_M, BLOCK_N)
-    acc, m_i, l_i = _attend_to_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, K_DESC, V_DESC, kv_row0,
-                                     offs_m, offs_n, offs_d, start, full_start, n_k, diag, qk_scale, left, right, cap2,
-                                     slope2, True, SOFTCAP, ALIBI,
+    acc, m_i, l_i = _attend_to_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, K_DESC, V_DESC,
+                                     k_row, k_col, v_row, v_col, offs_m, offs_n, offs_d, start, full_start, n_k, diag,
+                                     qk_scale, left, right, cap2, slope2, True, SOFTCAP, ALIBI,
                                      HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, PRECISION, False, USE_TMA)
-    acc, m_i, l_i = _attend_to_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, K_DESC, V_DESC, kv_row0,
-                                     offs_m, offs_n, offs_d, full_start, full_end, n_k, diag, qk_scale, left, right, cap2,
-                                     slope2, False, SOFTCAP, ALIBI,
+    acc, m_i, l_i = _attend_to_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, K_DESC, V_DESC,
+                                     k_row, k_col, v_row, v_col, offs_m, offs_n, offs_d, full_start, full_end, n_k, diag,
+                                     qk_scale, left, right, cap2, slope2, False, SOFTCAP, ALIBI,
                                      HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, PRECISION, WARP_SPECIALIZE, USE_TMA)
-    acc, m_i, l_i = _attend_to_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, K_DESC, V_DESC, kv_row0,
-                                     offs_m, offs_n, offs_d, full_end, stop, n_k, diag, qk_scale, left, right, cap2,
-                                     slope2, True, SOFTCAP, ALIBI,
+    acc, m_i, l_i = _attend_to_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, K_DESC, V_DESC,
+                                     k_row, k_col, v_row, v_col, offs_m, offs_n, offs_d, full_end, stop, n_k, diag,
+                                     qk_scale, left, right, cap2, slope2, True, SOFTCAP, ALIBI,
                                      HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, PRECISION, False, USE_TMA)
 
     # Normalise. A row with no visible key has l = 0: its output is 0 and its lse is -inf.

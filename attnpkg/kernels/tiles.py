@@ -95,3 +95,16 @@ def score_transform(s, qi, kj, diag, cap2, slope2, SOFTCAP: tl.constexpr, ALIBI:
     if ALIBI:
         s = s - slope2 * tl.abs(qi + diag - kj).to(tl.float32)
     return s
+
+
+@triton.jit
+def descriptor_origin(off_b, off_h, first_row, stride_b, stride_h, stride_n):
+    """``(row, column)`` of the first row of one (batch, head) slice in a tensor descriptor that views
+    the tensor as a matrix of rows ``stride_n`` elements apart (see ``attention._descriptor``).
+
+    Head-major ``(B, H, N, D)`` tensors put a head's rows after the previous head's: row ``(b H + h) N``,
+    column 0. Token-major ones (SDPA's ``(B, N, H, D)`` transposed, and packed ``(total, H, D)``) put the
+    heads of a token side by side in one row: row ``b N`` (or the sequence's ``first_row``), column
+    ``h D``. Both are the element offset ``b stride_b + h stride_h`` split into whole rows and a remainder."""
+    offset = off_b * stride_b + off_h * stride_h
+    return (offset // stride_n + first_row).to(tl.int32), (offset % stride_n).to(tl.int32)
