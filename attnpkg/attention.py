@@ -47,7 +47,7 @@ class Tiles(NamedTuple):
     num_warps: int
     num_stages: int
     warp_specialize: bool = False
-    tma: bool = False        # Hopper's tensor-memory engine: the streamed tiles (K and V, or Q and dO)
+    tma: bool = False        # Hopper's tensor-memory engine: the streamed K and V tiles (forward, dQ kernel)
                              # through tensor descriptors; the five-product backward's dQ adds as bulk reductions
 
 
@@ -60,14 +60,14 @@ HOPPER_TILES = {
                 (128, True): _T(128, 128, 8, 3, tma=True),
                 (256, False): _T(64, 32, 8, 2), (256, True): _T(64, 32, 8, 2)},
     "dkdv": {(64, False): _T(128, 32, 4, 3), (64, True): _T(128, 32, 4, 3),
-             (128, False): _T(128, 64, 8, 3, tma=True), (128, True): _T(128, 64, 8, 3, tma=True),
+             (128, False): _T(128, 64, 8, 3), (128, True): _T(128, 64, 8, 3),
              (256, False): _T(64, 32, 8, 2), (256, True): _T(64, 32, 8, 2)},
     # The five-product backward (dK, dV and dQ by atomics in one kernel; off, see FUSED_BACKWARD).
     "fused": {(64, False): _T(128, 32, 4, 3, tma=True), (64, True): _T(128, 32, 4, 3, tma=True),
               (128, False): _T(128, 64, 8, 3, tma=True), (128, True): _T(128, 64, 8, 3, tma=True),
               (256, False): _T(64, 32, 8, 2), (256, True): _T(64, 32, 8, 2)},
-    "dq": {(64, False): _T(128, 64, 8, 3), (64, True): _T(128, 64, 8, 3),
-           (128, False): _T(128, 128, 8, 2, tma=True), (128, True): _T(128, 128, 8, 2, tma=True),
+    "dq": {(64, False): _T(128, 64, 8, 3, tma=True), (64, True): _T(128, 64, 8, 3, tma=True),
+           (128, False): _T(128, 64, 8, 3, tma=True), (128, True): _T(128, 64, 8, 3, tma=True),
            (256, False): _T(64, 32, 8, 2), (256, True): _T(64, 32, 8, 2)},
 }
 # Other GPUs (and fp32 inputs, whose tiles take twice the shared memory): smaller tiles that fit in the A100's
@@ -333,15 +333,11 @@ def backward_impl(do, q, k, v, o, lse, dlse, causal, scale: float, deterministic
         # dK/dV (and dQ by atomics): one program owns a tile of keys and a query head; query tiles stream past it.
         t = tiles_for("fused" if fuse else "dkdv", meta["BLOCK_D"], q.dtype, q.device, banded)
         dq_desc = _dq_descriptor(dq_acc, t, meta["BLOCK_D"]) if fuse and not packed else None
-        # Q and dO tiles by TMA only where none crosses the end of a head: a tile that did would hold
-        # another head's (or sequence's) rows, and this kernel's full loop does not zero them.
-        qdo = None if packed or n_q % t.streamed else _descriptors(t, meta["BLOCK_D"], q, do)
         launch(flash_backward_dkdv_kernel)[(_cdiv(grid_k, t.own) * sequences * n_heads,)](
-            q, k, v, do, lse2, delta, dk_part, dv_part, dq_acc if dq_desc is None else dq_desc, *(qdo or (q, do)),
-            *pointers, *_strides(packed, q, k, v, do, dk_part, dv_part, dq_acc), n_heads, *numbers[:3],
-            scale * LOG2E, scale, *numbers[3:], GROUP=group, **flags, FUSE_DQ=fuse, DQ_TMA=dq_desc is not None,
-            USE_TMA=qdo is not None, BLOCK_N=t.own, BLOCK_M=t.streamed, INT64=wide,
-            num_warps=t.num_warps, num_stages=t.num_stages, **meta)
+            q, k, v, do, lse2, delta, dk_part, dv_part, dq_acc if dq_desc is None else dq_desc, *pointers,
+            *_strides(packed, q, k, v, do, dk_part, dv_part, dq_acc), n_heads, *numbers[:3], scale * LOG2E, scale,
+            *numbers[3:], GROUP=group, **flags, FUSE_DQ=fuse, DQ_TMA=dq_desc is not None, BLOCK_N=t.own,
+            BLOCK_M=t.streamed, INT64=wide, num_warps=t.num_warps, num_stages=t.num_stages, **meta)
         if not fuse:
             # dQ: one program owns a tile of queries; tiles of keys stream past it.
             t = tiles_for("dq", meta["BLOCK_D"], q.dtype, q.device, banded)

@@ -52,6 +52,8 @@ def key_tiles(start_m, n_q, n_k, left, right, BLOCK_M: tl.constexpr, BLOCK_N: tl
     Tiles ``[start, stop)`` hold every key some row of the tile sees; tiles ``[full_start, full_end)``
     (multiples of BLOCK_N) are seen in full by every row below ``n_q``. Without a full tile,
     ``full_start = full_end = stop`` (everything is masked). ``stop <= start`` means no key at all.
+    The forward and dQ kernels use the key index of a full tile only for addresses, so their full loop
+    does not need ``full_start`` to be a provable multiple of BLOCK_N (``query_tiles`` does).
 
     ``LEFT_UNBOUNDED`` (a constexpr: ``left >= Nq + Nk``, no mask or causal): ``start = full_start = 0``,
     so ``[start, full_start)`` is empty and a kernel need not emit its loop; without a full tile,
@@ -84,24 +86,32 @@ def query_tiles(start_n, n_q, n_k, left, right, BLOCK_N: tl.constexpr, BLOCK_M: 
     ``[full_start, full_end)`` see every key of the tile (rows past ``n_q`` contribute nothing: the
     backward gives them P = 0); a key tile that runs past ``n_k`` is never full.
 
+    Without a full tile, ``full_start = full_end = start`` (everything is masked, in the last loop).
+    ``start``, ``full_start`` and ``full_end`` are multiples of BLOCK_M that the compiler can prove
+    (products by BLOCK_M, or ``cdiv(n_q, BLOCK_M) * BLOCK_M`` where the run reaches the last query tile,
+    which ends a loop of step BLOCK_M where ``n_q`` does; never ``tl.where`` with ``stop`` or ``n_q``).
+    The loop counter is then a known multiple of the tile, and with a length ``n_q`` that is a multiple of
+    16 the rows' test ``rows < n_q`` is computed once per 16 rows instead of once per row.
+
     ``LEFT_UNBOUNDED`` (a constexpr: ``left >= Nq + Nk``): ``full_end = stop = n_q``, so ``[full_end, stop)``
-    is empty and a kernel need not emit its loop. The same values as without it."""
+    is empty and a kernel need not emit its loop. The same tiles, classified the same way."""
     diag = n_k - n_q
     last = tl.minimum(start_n + BLOCK_N, n_k) - 1
     start = tl.maximum(start_n - diag - right, 0) // BLOCK_M * BLOCK_M
+    q_end = tl.cdiv(n_q, BLOCK_M) * BLOCK_M                  # the end of the last query tile
+    full_start = tl.minimum(tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - diag - right, 0), BLOCK_M) * BLOCK_M, q_end)
     if LEFT_UNBOUNDED:
-        # Every row from the first full one on sees the whole tile. Bounds that are multiples of the tile
-        # (or n_q): the compiler keeps the full loop's row masks as cheap as with constant bounds.
-        full_start = tl.minimum(tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - diag - right, 0), BLOCK_M) * BLOCK_M, n_q)
-        full_start = tl.where(start_n + BLOCK_N > n_k, n_q, full_start)
+        # Every row from the first full one on sees the whole tile.
+        full_start = tl.where(start_n + BLOCK_N > n_k, q_end, full_start)
         return start, full_start, n_q, n_q
     stop = tl.minimum(last - diag + left + 1, n_q)
-    full_start = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - diag - right, 0), BLOCK_M) * BLOCK_M
     first_blind = start_n - diag + left + 1                  # rows from here on miss key start_n
-    full_end = tl.where(first_blind >= n_q, stop, tl.maximum(first_blind, 0) // BLOCK_M * BLOCK_M)
+    full_end = tl.minimum(tl.maximum(first_blind, 0) // BLOCK_M * BLOCK_M, q_end)
+    # Every row from full_start to the last sees key start_n: full_end runs to the last query tile.
+    full_end = tl.where(first_blind >= n_q, q_end, full_end)
     none = (full_end <= full_start) | (start_n + BLOCK_N > n_k)
-    full_start = tl.where(none, stop, full_start)
-    full_end = tl.where(none, stop, full_end)
+    full_start = tl.where(none, start, full_start)
+    full_end = tl.where(none, start, full_end)
     return start, full_start, full_end, stop
 
 

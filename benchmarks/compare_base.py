@@ -8,6 +8,7 @@ drift and the machine's state affect both alike.
     git archive <commit> attnpkg | tar -x -C /tmp/base
     python benchmarks/compare_base.py /tmp/base/attnpkg            # the --quick cases of attnpkg.bench
     python benchmarks/compare_base.py /tmp/base/attnpkg --case 128,causal,bf16,4096
+    python benchmarks/compare_base.py /tmp/base/attnpkg --case 128,causal,bf16,16384 --layout packed-2048
 """
 import argparse
 import importlib.util
@@ -28,13 +29,26 @@ def load_base(path):
     return module
 
 
-def times(fn, head_dim, causal, dtype, n):
+def times(package, head_dim, causal, dtype, n, layout):
+    """Forward and backward milliseconds of one package's attention. ``layout``: "bhnd" (contiguous
+    (B, H, N, D)), "bnhd" ((B, N, H, D) tensors passed transposed, as SDPA users hold them) or "packed-L"
+    (each row of N tokens holds N / L documents of L tokens, through flash_attention_varlen)."""
     from triton.testing import do_bench
     batch, heads = heads_for(head_dim)
-    q, k, v = (torch.randn(batch, heads, n, head_dim, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
-    o = fn(q, k, v, causal=causal)
+    shape = (batch, heads, n, head_dim) if layout == "bhnd" else (batch, n, heads, head_dim)
+    q, k, v = (torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
+    if layout == "bhnd":
+        fn = lambda: package.flash_attention(q, k, v, causal=causal)
+    elif layout == "bnhd":
+        fn = lambda: package.flash_attention(*(x.transpose(1, 2) for x in (q, k, v)), causal=causal)
+    else:
+        length = int(layout.split("-")[1])
+        cu = torch.arange(0, batch * n + 1, length, device="cuda", dtype=torch.int32)
+        fn = lambda: package.flash_attention_varlen(*(x.view(batch * n, heads, head_dim) for x in (q, k, v)),
+                                                    cu, cu, length, length, causal=causal)
+    o = fn()
     do = torch.randn_like(o)
-    fwd = do_bench(lambda: fn(q, k, v, causal=causal))
+    fwd = do_bench(fn)
     bwd = do_bench(lambda: torch.autograd.grad(o, (q, k, v), do, retain_graph=True))
     return fwd, bwd
 
@@ -44,6 +58,7 @@ def main(argv=None):
     parser.add_argument("base", help="folder of the other attnpkg package")
     parser.add_argument("--case", type=parse_case, action="append", help="D,causal|full,bf16|fp16,N (repeatable)")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--layout", default="bhnd", help="bhnd (default), bnhd, or packed-L (documents of L tokens)")
     args = parser.parse_args(argv)
     base = load_base(args.base)
     cases = args.case or [(d, c, "bf16", n) for d in (64, 128) for c in (False, True) for n in (1024, 4096, 16384)]
@@ -52,17 +67,21 @@ def main(argv=None):
     for head_dim, causal, dtype_name, n in cases:
         best = {}
         for _ in range(args.rounds):
-            for name, fn in (("new", attnpkg.flash_attention), ("base", base.flash_attention)):
-                f, b = times(fn, head_dim, causal, DTYPES[dtype_name], n)
+            for name, package in (("new", attnpkg), ("base", base)):
+                f, b = times(package, head_dim, causal, DTYPES[dtype_name], n, args.layout)
                 old = best.get(name, (float("inf"), float("inf")))
                 best[name] = (min(old[0], f), min(old[1], b))
         batch, heads = heads_for(head_dim)
-        tf = lambda ms, mode: attention_flops(batch, heads, n, head_dim, causal, mode) / ms / 1e9
+        sequences, length = batch, n
+        if args.layout.startswith("packed-"):            # FLOPs of the documents
+            length = int(args.layout.split("-")[1])
+            sequences = batch * n // length
+        tf = lambda ms, mode: attention_flops(sequences, heads, length, head_dim, causal, mode) / ms / 1e9
         ratio_f = best["base"][0] / best["new"][0]
         ratio_b = best["base"][1] / best["new"][1]
         worst["forward"].append(ratio_f)
         worst["backward"].append(ratio_b)
-        label = f"D{head_dim} {'causal' if causal else 'full'} {dtype_name} N={n}"
+        label = f"D{head_dim} {'causal' if causal else 'full'} {dtype_name} N={n} {args.layout}"
         print(f"{label:28} {ratio_f:13.3f} {ratio_b:13.3f}   {tf(best['new'][0], 'forward'):6.0f} "
               f"{tf(best['base'][0], 'forward'):6.0f} | {tf(best['new'][1], 'backward'):6.0f} "
               f"{tf(best['base'][1], 'backward'):6.0f}", flush=True)

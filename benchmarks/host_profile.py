@@ -50,13 +50,38 @@ def main():
     print(f"flash_attention         {host_us(lambda: attnpkg.flash_attention(q, k, v, causal=causal)):8.1f} us")
     both = lambda: torch.autograd.grad(attnpkg.flash_attention(q, k, v, causal=causal), (q, k, v), do)
     print(f"forward + autograd.grad {host_us(both):8.1f} us")
-    profile = cProfile.Profile()
-    profile.enable()
+    # Time spent inside backward_impl when the autograd engine calls it (on its own thread), against
+    # the same call made directly above.
+    inside = []
+    real = attention.backward_impl
+
+    def timed(*a, **kw):
+        start = time.perf_counter()
+        out = real(*a, **kw)
+        inside.append(time.perf_counter() - start)
+        return out
+    attention.backward_impl = timed
+    host_us(both)
+    attention.backward_impl = real
+    print(f"  of which backward_impl {sum(inside) / len(inside) * 1e6:8.1f} us (called by the engine)")
+    # The backward method called on this thread, without the autograd engine.
+    o = attnpkg.flash_attention(q, k, v, causal=causal)
+    print(f"grad_fn(do, None)       {host_us(lambda: o.grad_fn.apply(do, None)):8.1f} us")
+    # The engine's own cost, on an op with a trivial backward.
+    print(f"autograd.grad of q * 2  {host_us(lambda: torch.autograd.grad(q * 2, (q,), do)):8.1f} us")
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(20):
+            both()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+    profile_ = cProfile.Profile()
+    profile_.enable()
     for _ in range(100):
         backward()
-    profile.disable()
+    profile_.disable()
     torch.cuda.synchronize()
-    pstats.Stats(profile).sort_stats("tottime").print_stats(15)
+    pstats.Stats(profile_).sort_stats("tottime").print_stats(15)
 
 
 if __name__ == "__main__":

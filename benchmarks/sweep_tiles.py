@@ -21,11 +21,10 @@ CANDIDATES = {
                 T(128, 64, 8, 3, False, True), T(128, 128, 8, 3, False, True), T(128, 64, 8, 4, False, True),
                 T(128, 128, 8, 2, False, True), T(128, 128, 8, 3, True, True), T(128, 64, 8, 3, True, True),
                 T(128, 64, 8, 5, False, True), T(64, 128, 4, 3, False, True), T(128, 128, 8, 2, True, True)],
-    # tma: the streamed Q, dO tiles through tensor descriptors, beside the pointer tiles earlier sweeps chose.
-    "dkdv": [T(128, 64, 8, 3), T(128, 64, 8, 3, tma=True), T(128, 32, 4, 3), T(128, 32, 4, 3, tma=True),
-             T(128, 64, 8, 2, tma=True)],
-    # The five-product kernel with tma: Q, dO tiles through descriptors and dQ added as bulk tile reductions
-    # (earlier sweeps: element-by-element atomics lose, `h200/sweep_fused*.log`).
+    "dkdv": [T(128, 64, 8, 3), T(128, 32, 4, 3), T(128, 64, 4, 3), T(64, 64, 4, 3), T(128, 128, 8, 2),
+             T(64, 128, 4, 3), T(128, 32, 8, 3), T(64, 32, 4, 3)],
+    # The five-product kernel, dQ added as bulk tile reductions (tma; element-by-element atomics lost in
+    # earlier sweeps, `h200/sweep_fused*.log`).
     "fused": [T(128, 64, 8, 3, tma=True), T(128, 32, 4, 3, tma=True), T(128, 64, 8, 2, tma=True)],
     # tma: the streamed K, V tiles through tensor descriptors.
     "dq": [T(128, 128, 8, 2), T(128, 128, 8, 2, tma=True), T(128, 64, 8, 3), T(128, 64, 8, 3, tma=True),

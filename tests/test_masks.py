@@ -69,6 +69,22 @@ def test_backward_variant_without_a_left_edge_visits_the_same_tiles(shape, windo
         assert not skipped.any(), (by, start, full_start, full_end, stop)
 
 
+@pytest.mark.parametrize("window,causal", WINDOWS)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_dkdv_loop_bounds_are_multiples_of_the_query_tile(shape, window, causal):
+    """The dK/dV kernel's loops start at start, full_start and full_end: each must be a multiple of the
+    query tile (also without a full tile, and past the last row), so that the loop counter is one and
+    the full loop's row tests stay per group of rows (see masks.query_tiles). The end of a run
+    (stop, and full_end = n_q without a left edge) may be any row."""
+    n_q, n_k, bm, bn = shape
+    for left_unbounded in (False, True):
+        s = masks.tile_schedule(n_q, n_k, bm, bn, window_size=window, causal=causal, by="key",
+                                _left_unbounded=left_unbounded).long()
+        no_left_edge = left_unbounded and masks.window_bounds(window, causal, n_q, n_k)[0] >= n_q + n_k
+        lower = s[:, :2] if no_left_edge else s[:, :3]
+        assert not (lower % bm).any(), (left_unbounded, s)
+
+
 def test_window_cost_grows_with_n_times_window():
     """Visited tiles of a window of 64 keys: linear in N (the causal count is quadratic)."""
     counts = {n: int((masks.tile_classes(n, n, 32, 32, window_size=(64, 0)) != masks.EMPTY).sum()) for n in (256, 512, 1024)}

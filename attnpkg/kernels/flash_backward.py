@@ -76,34 +76,27 @@ def _probabilities(qk, lse2, qi, kj, n_k, diag, qk_scale, left, right, cap2, slo
 
 @triton.jit
 def _dkdv_from_query_tiles(dk, dv, k, v, q_base, do_base, dq_base, lse2_base, delta_base, stride_qm, stride_dom,
-                           stride_dqm, q_desc, do_desc, q_row, q_col, do_row, do_col, dq_row,
-                           offs_n, offs_m, offs_d, start, stop, n_q, n_k, diag, qk_scale, left, right, cap2, slope2,
+                           stride_dqm, dq_row, offs_n, offs_m, offs_d, start, stop, n_q, n_k, diag, qk_scale,
+                           left, right, cap2, slope2,
                            MASKED: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
                            LEFT_UNBOUNDED: tl.constexpr, RIGHT_UNBOUNDED: tl.constexpr, FUSE_DQ: tl.constexpr,
-                           DQ_TMA: tl.constexpr, USE_TMA: tl.constexpr, HEAD_DIM: tl.constexpr,
-                           BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                           DQ_TMA: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                           UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """Accumulate dK, dV of one key tile over the query tiles [start, stop) of one query head, and with
     FUSE_DQ add each tile's share dS K of dQ into a float32 buffer: element by element through
-    ``dq_base``, pointers to the head's first row, or with DQ_TMA as one bulk reduction of the whole
-    tile through the tensor descriptor ``dq_base`` at row ``dq_row`` + tile start.
-
-    Q and dO tiles come through pointers (``q_base``, ``do_base``), or with USE_TMA through the tensor
-    descriptors ``q_desc``, ``do_desc`` from (``q_row``, ``q_col``), (``do_row``, ``do_col``) on: the launcher
-    takes that path only where no query tile crosses the end of the head (Nq a multiple of BLOCK_M), so
-    every row loaded is this head's.
+    ``dq_base``, pointers to the head's first row (rows ``stride_dqm`` apart), or with DQ_TMA as one bulk
+    reduction of the whole tile through the tensor descriptor ``dq_base`` at row ``dq_row`` + tile start.
 
     Works on transposed tiles (keys along rows) so that no transpose of P or dS is needed for dK, dV."""
     for start_m in range(start, stop, BLOCK_M):
         rows = start_m + offs_m
-        if USE_TMA:
-            q = q_desc.load([q_row + start_m, q_col])
-            do = do_desc.load([do_row + start_m, do_col])
-        else:
-            q = load_tile(q_base + rows[:, None] * stride_qm, rows, n_q, offs_d, True, HEAD_DIM, BLOCK_D)
-            do = load_tile(do_base + rows[:, None] * stride_dom, rows, n_q, offs_d, True, HEAD_DIM, BLOCK_D)
-        # Rows past n_q get lse = +inf, hence P = 0, and contribute nothing.
-        lse2 = tl.load(lse2_base + rows, mask=rows < n_q, other=float("inf"))
-        delta = tl.load(delta_base + rows, mask=rows < n_q, other=0.0)
+        q = load_tile(q_base + rows[:, None] * stride_qm, rows, n_q, offs_d, True, HEAD_DIM, BLOCK_D)
+        do = load_tile(do_base + rows[:, None] * stride_dom, rows, n_q, offs_d, True, HEAD_DIM, BLOCK_D)
+        # Rows past n_q get lse = +inf, hence P = 0, and contribute nothing. The test as offs_m < n_q - start_m:
+        # one subtraction per tile, then each row offset compared with it, instead of an addition per row.
+        in_seq = offs_m < n_q - start_m
+        lse2 = tl.load(lse2_base + rows, mask=in_seq, other=float("inf"))
+        delta = tl.load(delta_base + rows, mask=in_seq, other=0.0)
         if UPCAST:
             q, do = q.to(tl.float32), do.to(tl.float32)
         qk_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)
@@ -133,7 +126,7 @@ def _dkdv_from_query_tiles(dk, dv, k, v, q_base, do_base, dq_base, lse2_base, de
 
 
 @triton.jit
-def flash_backward_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, DQ, Q_DESC, DO_DESC, CU_Q, CU_K, SLOPES,
+def flash_backward_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, DQ, CU_Q, CU_K, SLOPES,
                                stride_qb, stride_qh, stride_qm, stride_qd,
                                stride_kb, stride_kh, stride_kn, stride_kd,
                                stride_vb, stride_vh, stride_vn, stride_vd,
@@ -144,7 +137,7 @@ def flash_backward_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, DQ, Q_DESC, DO_
                                n_heads, n_q, n_k, lse_head_stride, qk_scale, scale, left, right, cap2,
                                GROUP: tl.constexpr, VARLEN: tl.constexpr, SOFTCAP: tl.constexpr,
                                ALIBI: tl.constexpr, LEFT_UNBOUNDED: tl.constexpr, RIGHT_UNBOUNDED: tl.constexpr,
-                               FUSE_DQ: tl.constexpr, DQ_TMA: tl.constexpr, USE_TMA: tl.constexpr,
+                               FUSE_DQ: tl.constexpr, DQ_TMA: tl.constexpr,
                                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
                                BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                                INT64: tl.constexpr):
@@ -152,8 +145,7 @@ def flash_backward_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, DQ, Q_DESC, DO_
     head's dK and dV of the tile: the gradient itself when GROUP = 1, else a float32 partial that the
     launcher sums over the GROUP query heads of each k/v head (every head of a group works in parallel).
     With FUSE_DQ it also adds its share of dQ into the float32 buffer DQ (5 products in all); with
-    DQ_TMA, DQ is a tensor descriptor of that buffer as (B * Hq * Nq, D) rows. With USE_TMA, Q and dO
-    tiles come through the tensor descriptors Q_DESC, DO_DESC (``attention._descriptor``).
+    DQ_TMA, DQ is a tensor descriptor of that buffer as (B * Hq * Nq, D) rows.
     Masks, VARLEN, SOFTCAP and ALIBI as in the forward kernel."""
     start_n, off_bh = tile_and_head(n_k, BLOCK_N, False)
     off_b = (off_bh // n_heads).to(tl.int64)
@@ -196,28 +188,24 @@ def flash_backward_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, DQ, Q_DESC, DO_
         dq_row, _ = descriptor_origin(off_b, off_h, q0, stride_dqb, stride_dqh, stride_dqm)
     else:
         dq_base = DQ + off_b * stride_dqb + off_h * stride_dqh + q0 * stride_dqm + offs_d[None, :] * stride_dqd
-    q_row, q_col, do_row, do_col = 0, 0, 0, 0
-    if USE_TMA:
-        q_row, q_col = descriptor_origin(off_b, off_h, q0, stride_qb, stride_qh, stride_qm)
-        do_row, do_col = descriptor_origin(off_b, off_h, q0, stride_dob, stride_doh, stride_dom)
     dk, dv = _dkdv_from_query_tiles(dk, dv, k, v, q_base, do_base, dq_base, LSE2 + row0, DELTA + row0, stride_qm,
-                                    stride_dom, stride_dqm, Q_DESC, DO_DESC, q_row, q_col, do_row, do_col, dq_row,
+                                    stride_dom, stride_dqm, dq_row,
                                     offs_n, offs_m, offs_d, start, full_start, n_q, n_k,
                                     diag, qk_scale, left, right, cap2, slope2, True, SOFTCAP, ALIBI,
-                                    LEFT_UNBOUNDED, RIGHT_UNBOUNDED, FUSE_DQ, DQ_TMA, USE_TMA,
+                                    LEFT_UNBOUNDED, RIGHT_UNBOUNDED, FUSE_DQ, DQ_TMA,
                                     HEAD_DIM, BLOCK_D, BLOCK_M, UPCAST, PRECISION)
     dk, dv = _dkdv_from_query_tiles(dk, dv, k, v, q_base, do_base, dq_base, LSE2 + row0, DELTA + row0, stride_qm,
-                                    stride_dom, stride_dqm, Q_DESC, DO_DESC, q_row, q_col, do_row, do_col, dq_row,
+                                    stride_dom, stride_dqm, dq_row,
                                     offs_n, offs_m, offs_d, full_start, full_end, n_q, n_k,
                                     diag, qk_scale, left, right, cap2, slope2, False, SOFTCAP, ALIBI,
-                                    LEFT_UNBOUNDED, RIGHT_UNBOUNDED, FUSE_DQ, DQ_TMA, USE_TMA,
+                                    LEFT_UNBOUNDED, RIGHT_UNBOUNDED, FUSE_DQ, DQ_TMA,
                                     HEAD_DIM, BLOCK_D, BLOCK_M, UPCAST, PRECISION)
     if not LEFT_UNBOUNDED:                  # else full_end = stop = n_q: no masked run after the full one
         dk, dv = _dkdv_from_query_tiles(dk, dv, k, v, q_base, do_base, dq_base, LSE2 + row0, DELTA + row0, stride_qm,
-                                        stride_dom, stride_dqm, Q_DESC, DO_DESC, q_row, q_col, do_row, do_col, dq_row,
+                                        stride_dom, stride_dqm, dq_row,
                                         offs_n, offs_m, offs_d, full_end, stop, n_q, n_k,
                                         diag, qk_scale, left, right, cap2, slope2, True, SOFTCAP, ALIBI,
-                                        LEFT_UNBOUNDED, RIGHT_UNBOUNDED, FUSE_DQ, DQ_TMA, USE_TMA,
+                                        LEFT_UNBOUNDED, RIGHT_UNBOUNDED, FUSE_DQ, DQ_TMA,
                                         HEAD_DIM, BLOCK_D, BLOCK_M, UPCAST, PRECISION)
     tl.store(DK + off_b * stride_dkb + off_h * stride_dkh + (k0 + offs_n[:, None]) * stride_dkn + offs_d[None, :] * stride_dkd,
              round_to(dk * scale, DK.dtype.element_ty, UPCAST), mask=kv_ok)

@@ -105,6 +105,10 @@ def descriptor_origin(off_b, off_h, first_row, stride_b, stride_h, stride_n):
     Head-major ``(B, H, N, D)`` tensors put a head's rows after the previous head's: row ``(b H + h) N``,
     column 0. Token-major ones (SDPA's ``(B, N, H, D)`` transposed, and packed ``(total, H, D)``) put the
     heads of a token side by side in one row: row ``b N`` (or the sequence's ``first_row``), column
-    ``h D``. Both are the element offset ``b stride_b + h stride_h`` split into whole rows and a remainder."""
-    offset = off_b * stride_b + off_h * stride_h
-    return (offset // stride_n + first_row).to(tl.int32), (offset % stride_n).to(tl.int32)
+    ``h D``. Both split the element offset ``b stride_b + h stride_h`` into whole rows and a remainder:
+    ``stride_b`` is a whole number of rows, and ``stride_h`` either one too (head-major) or less than a row
+    (token-major), so the split is done per term, in 32 bits (the launcher checks that rows fit)."""
+    b = off_b.to(tl.int32)
+    h = off_h.to(tl.int32)
+    row = b * (stride_b // stride_n) + h * (stride_h // stride_n) + first_row
+    return row.to(tl.int32), h * (stride_h % stride_n)
