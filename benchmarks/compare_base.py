@@ -29,12 +29,13 @@ def load_base(path):
     return module
 
 
-def times(package, head_dim, causal, dtype, n, layout):
+def times(package, head_dim, causal, dtype, n, layout, batch=None):
     """Forward and backward milliseconds of one package's attention. ``layout``: "bhnd" (contiguous
     (B, H, N, D)), "bnhd" ((B, N, H, D) tensors passed transposed, as SDPA users hold them) or "packed-L"
     (each row of N tokens holds N / L documents of L tokens, through flash_attention_varlen)."""
     from triton.testing import do_bench
-    batch, heads = heads_for(head_dim)
+    default_batch, heads = heads_for(head_dim)
+    batch = batch or default_batch
     shape = (batch, heads, n, head_dim) if layout == "bhnd" else (batch, n, heads, head_dim)
     q, k, v = (torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
     if layout == "bhnd":
@@ -59,6 +60,7 @@ def main(argv=None):
     parser.add_argument("--case", type=parse_case, action="append", help="D,causal|full,bf16|fp16,N (repeatable)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--layout", default="bhnd", help="bhnd (default), bnhd, or packed-L (documents of L tokens)")
+    parser.add_argument("--batch", type=int, help="batch size (default: 4, as attnpkg.bench)")
     args = parser.parse_args(argv)
     base = load_base(args.base)
     cases = args.case or [(d, c, "bf16", n) for d in (64, 128) for c in (False, True) for n in (1024, 4096, 16384)]
@@ -68,10 +70,11 @@ def main(argv=None):
         best = {}
         for _ in range(args.rounds):
             for name, package in (("new", attnpkg), ("base", base)):
-                f, b = times(package, head_dim, causal, DTYPES[dtype_name], n, args.layout)
+                f, b = times(package, head_dim, causal, DTYPES[dtype_name], n, args.layout, args.batch)
                 old = best.get(name, (float("inf"), float("inf")))
                 best[name] = (min(old[0], f), min(old[1], b))
         batch, heads = heads_for(head_dim)
+        batch = args.batch or batch
         sequences, length = batch, n
         if args.layout.startswith("packed-"):            # FLOPs of the documents
             length = int(args.layout.split("-")[1])
