@@ -49,13 +49,17 @@ class Tiles(NamedTuple):
     warp_specialize: bool = False
     tma: bool = False        # Hopper's tensor-memory engine: the streamed K and V tiles (forward, dQ kernel)
                              # through tensor descriptors; the five-product backward's dQ adds as bulk reductions
+    max_registers: int = 0   # a cap per thread (Triton's maxnreg; 0: the compiler's choice), to keep two
+                             # programs per multiprocessor where a mask's variant of a kernel would cross it
 
 
 # Tiles by kernel, padded head dim and causal flag, for Hopper GPUs: the fastest candidates of
 # benchmarks/sweep_tiles.py on an H100 (see benchmarks/NOTES.md).
 _T = Tiles
 HOPPER_TILES = {
-    "forward": {(64, False): _T(128, 64, 8, 3), (64, True): _T(128, 64, 8, 3),
+    # The D = 64 forward fits two programs of 8 warps per multiprocessor at 128 registers; a window or packed
+    # sequences took it to 136 and 157 (one program), which the cap brings back with no spill.
+    "forward": {(64, False): _T(128, 64, 8, 3, max_registers=128), (64, True): _T(128, 64, 8, 3, max_registers=128),
                 (128, False): _T(128, 128, 8, 3, tma=True),
                 (128, True): _T(128, 128, 8, 3, tma=True),
                 (256, False): _T(64, 32, 8, 2), (256, True): _T(64, 32, 8, 2)},
@@ -271,7 +275,7 @@ def forward_impl(q, k, v, causal, scale: float):
             n_heads, *numbers[:3], scale * LOG2E, *numbers[3:],
             GROUP=n_heads // n_kv_heads, LONGEST_FIRST=longest_first, **flags, BLOCK_M=t.own, BLOCK_N=t.streamed,
             WARP_SPECIALIZE=t.warp_specialize, USE_TMA=descriptors is not None, INT64=_needs_int64(q, k, v, o),
-            num_warps=t.num_warps, num_stages=t.num_stages, **meta)
+            num_warps=t.num_warps, num_stages=t.num_stages, maxnreg=t.max_registers or None, **meta)
     return o, lse
 
 

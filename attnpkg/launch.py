@@ -72,18 +72,19 @@ class _Launcher:
     def __getitem__(self, grid):
         return functools.partial(self._launch, grid)
 
-    def _launch(self, grid, *args, num_warps=4, num_stages=3, **constexprs):   # Triton's defaults
+    def _launch(self, grid, *args, num_warps=4, num_stages=3, maxnreg=None, **constexprs):   # Triton's defaults
         global _direct
+        options = dict(num_warps=num_warps, num_stages=num_stages, maxnreg=maxnreg)
         if not _direct or os.environ.get("TRITON_INTERPRET") == "1" or \
                 _hooked(_knobs.runtime.launch_enter_hook) or _hooked(_knobs.runtime.launch_exit_hook):
-            return self.kernel[grid](*args, num_warps=num_warps, num_stages=num_stages, **constexprs)
+            return self.kernel[grid](*args, **options, **constexprs)
         grid = (*grid, 1, 1)[:3]
         device = _driver.active.get_current_device()
         spec = specialization(args)
-        key = (device, num_warps, num_stages, tuple(constexprs.items()), spec)
+        key = (device, num_warps, num_stages, maxnreg, tuple(constexprs.items()), spec)
         compiled = self.compiled.get(key)
         if compiled is None:
-            compiled = self.kernel[grid](*args, num_warps=num_warps, num_stages=num_stages, **constexprs)
+            compiled = self.kernel[grid](*args, **options, **constexprs)
             if _UNCACHED not in spec and self._signature_matches(args, constexprs):
                 if len(self.compiled) >= MAX_ENTRIES:
                     self.compiled.clear()
@@ -98,7 +99,7 @@ class _Launcher:
             # Not the launcher interface this was written for: fall back for good. Nothing was
             # launched, since these errors come from unpacking the arguments.
             _direct = False
-            return self.kernel[grid](*args, num_warps=num_warps, num_stages=num_stages, **constexprs)
+            return self.kernel[grid](*args, **options, **constexprs)
         return compiled
 
     def _signature_matches(self, args, constexprs):
@@ -117,6 +118,6 @@ class _Launcher:
 
 @functools.lru_cache(maxsize=None)
 def launch(kernel):
-    """``launch(kernel)[grid](*args, num_warps=..., num_stages=..., **constexprs)`` launches ``kernel``
+    """``launch(kernel)[grid](*args, num_warps=..., num_stages=..., maxnreg=..., **constexprs)`` launches ``kernel``
     like ``kernel[grid](...)``: runtime arguments by position, constexprs by name."""
     return _Launcher(kernel)

@@ -32,14 +32,19 @@ def load_base(path):
 def times(package, head_dim, causal, dtype, n, layout, batch=None):
     """Forward and backward milliseconds of one package's attention. ``layout``: "bhnd" (contiguous
     (B, H, N, D)), "bnhd" ((B, N, H, D) tensors passed transposed, as SDPA users hold them) or "packed-L"
-    (each row of N tokens holds N / L documents of L tokens, through flash_attention_varlen)."""
+    (each row of N tokens holds N / L documents of L tokens, through flash_attention_varlen) or "window-W"
+    (bhnd, with a window of W - 1 keys left of each query)."""
     from triton.testing import do_bench
     default_batch, heads = heads_for(head_dim)
     batch = batch or default_batch
-    shape = (batch, heads, n, head_dim) if layout == "bhnd" else (batch, n, heads, head_dim)
+    token_major = layout == "bnhd" or layout.startswith("packed-")
+    shape = (batch, n, heads, head_dim) if token_major else (batch, heads, n, head_dim)
     q, k, v = (torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
     if layout == "bhnd":
         fn = lambda: package.flash_attention(q, k, v, causal=causal)
+    elif layout.startswith("window-"):                # W - 1 keys left of each query (with causal: W keys in all)
+        w = int(layout.split("-")[1])
+        fn = lambda: package.flash_attention(q, k, v, causal=causal, window_size=(w - 1, -1))
     elif layout == "bnhd":
         fn = lambda: package.flash_attention(*(x.transpose(1, 2) for x in (q, k, v)), causal=causal)
     else:
@@ -59,7 +64,9 @@ def main(argv=None):
     parser.add_argument("base", help="folder of the other attnpkg package")
     parser.add_argument("--case", type=parse_case, action="append", help="D,causal|full,bf16|fp16,N (repeatable)")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--layout", default="bhnd", help="bhnd (default), bnhd, or packed-L (documents of L tokens)")
+    parser.add_argument("--layout", default="bhnd",
+                        help="bhnd (default), bnhd, packed-L (documents of L tokens) or window-W (bhnd, W - 1 keys "
+                             "left of each query; FLOPs are counted as without the window)")
     parser.add_argument("--batch", type=int, help="batch size (default: 4, as attnpkg.bench)")
     args = parser.parse_args(argv)
     base = load_base(args.base)
