@@ -115,7 +115,8 @@ def record_launches(capability, refusals=None):
         for dtype in _dtypes(capability):
             for head_dim in HEAD_DIMS:
                 for causal in _causal_flags(tiles_for, attention.HOPPER_TILES, dtype, head_dim):
-                    # contiguous (TMA where the tiles ask for it), and a transposed layout: the pointer path
+                    # contiguous, and SDPA's transposed layout: TMA where the tiles ask for it and the layout
+                    # allows it (the transposed one only where the head dim is a power of two), else pointers
                     for layout in ("contiguous", "strided"):
                         case.update(dtype=str(dtype).removeprefix("torch."), head_dim=head_dim, causal=causal,
                                     layout=layout)
@@ -221,6 +222,7 @@ def main():
             print(json.dumps(dict(kernel=job["kernel"], capability=job["capability"], cases=job["cases"],
                                   constexprs=job["named"],
                                   num_warps=job["options"]["num_warps"], num_stages=job["options"]["num_stages"],
+                                  maxnreg=job["options"].get("maxnreg"),
                                   **result)), flush=True)
 
 
@@ -267,6 +269,11 @@ def test_configurations_cover_kernels_targets_and_flags(compiled_only):
     tma = {(r["capability"], r["constexprs"]["USE_TMA"]) for r in compiled if "USE_TMA" in r["constexprs"]}
     # TMA only on Hopper, and there both with and without it (a layout TMA can't take falls back to pointers)
     assert {(90, "True"), (90, "False")} <= tma and {cap for cap, used in tma if used == "True"} == {90}
+    # a register cap of the tile table (Tiles.max_registers, the last field) reaches the compiler as maxnreg
+    for r in compiled:
+        caps = {c["tiles"][-1] for c in r["cases"] if "tiles" in c}
+        assert caps <= {r["maxnreg"] or 0}, (_describe(r), caps, r["maxnreg"])
+    assert any(r["maxnreg"] for r in compiled if r["capability"] == 90)
     # bfloat16 is never compiled for 7.5, where flash_attention refuses it
     assert not [r for r in compiled if r["capability"] == 75 and any(c["dtype"] == "bfloat16" for c in r["cases"])]
     # every tile-table entry that the launch code can pick on a target was compiled for it
