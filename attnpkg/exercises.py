@@ -24,7 +24,7 @@ from .check import Finding, Report, _quiet, describe_mismatch, max_error, refere
 
 __all__ = ["softmax_backward", "logsumexp", "matmul_backward", "linear_backward", "attention_backward",
            "causal_mask", "split_heads", "projection_weight_gradient", "online_update", "merge_partials",
-           "forward_tile", "delta", "dq_tile", "attention_flops", "causal_tile_fraction", "window_mask",
+           "forward_tile", "descriptor_origin", "delta", "dq_tile", "attention_flops", "causal_tile_fraction", "window_mask",
            "softcap_backward", "ring_merge", "causal_work"]
 
 f64 = torch.float64
@@ -362,6 +362,32 @@ def forward_tile(body):
     fn.__name__ = "forward_tile"
     return _grade(title, lambda: fn(), [("Nq = 32, Nk = 64, D = 16, tiles 16 x 16", (), (ref["o"], ref["lse"]), alts)],
                   ["o", "lse"], atol=5e-3)
+
+
+def descriptor_origin(fn):
+    """``fn(b, h, first_row, stride_b, stride_h, stride_n)``: ``(row, column)`` where the rows of batch ``b``,
+    head ``h`` start in a tensor descriptor that sees the tensor as a matrix of rows ``stride_n`` elements
+    apart (chapter 5): head-major ``(B, H, N, D)``, SDPA's ``(B, N, H, D)`` transposed, packed ``(total, H, D)``
+    (batch stride 0, the sequence starting at ``first_row``)."""
+    cases = []
+    layouts = (("contiguous (B, H, N, D) = (2, 3, 5, 8)", (120, 40, 8), 1, 2, 0),
+               ("SDPA's (B, N, H, D) = (2, 5, 3, 8), transposed", (120, 8, 24), 1, 2, 0),
+               ("packed (total, H, D) = (12, 4, 8), a sequence from row 7", (0, 8, 32), 0, 3, 7),
+               ("packed with one head (total, 1, D) = (12, 1, 8), a sequence from row 5", (0, 8, 8), 0, 0, 5))
+    for label, (stride_b, stride_h, stride_n), b, h, first_row in layouts:
+        offset = b * stride_b + h * stride_h
+        row, col = offset // stride_n + first_row, offset % stride_n
+        alts = {"row": [("the sequence's first row is not added: packed sequences start at first_row",
+                         torch.tensor(float(row - first_row))),
+                        ("the head's offset is counted in rows, but a head of a token-major tensor is a block "
+                         "of columns: split the element offset into whole rows and a remainder",
+                         torch.tensor(float((b * stride_b + h * stride_h * stride_n) // stride_n + first_row)))],
+                "column": [("the column is always 0: true when a head's rows follow each other, not when the "
+                            "heads of a token sit side by side in one row", torch.tensor(0.0))]}
+        args = (b, h, first_row, stride_b, stride_h, stride_n)
+        cases.append((f"{label}, b = {b}, h = {h}", args, (torch.tensor(float(row)), torch.tensor(float(col))),
+                      alts))
+    return _grade("descriptor_origin", fn, cases, ["row", "column"])
 
 
 def _no_rescale(q, k, v, scale, bn):

@@ -8,6 +8,8 @@ from attnpkg import exercises  # first: without a GPU it switches Triton's inter
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
+from attnpkg.kernels.tiles import descriptor_origin  # noqa: E402
+
 
 def todo(*args):
     raise NotImplementedError
@@ -193,6 +195,35 @@ def test_forward_tile():
     assert_rejects(exercises.forward_tile(_forward_tile_exp), "use tl.math.exp2")
     assert_rejects(exercises.forward_tile(_forward_tile_no_rescale), "acc is not rescaled")
     assert_rejects(exercises.forward_tile(lambda *a: a[:3]), "must be a @triton.jit function")
+
+
+def _origin(b, h, first_row, stride_b, stride_h, stride_n, *, first=True, column=True, rows_of_head=False):
+    offset = b * stride_b + h * stride_h * (stride_n if rows_of_head else 1)
+    return offset // stride_n + (first_row if first else 0), (offset % stride_n if column else 0)
+
+
+def test_descriptor_origin():
+    assert exercises.descriptor_origin(_origin).ok
+    assert_rejects(exercises.descriptor_origin(lambda *a: _origin(*a, first=False)), "first row is not added")
+    assert_rejects(exercises.descriptor_origin(lambda *a: _origin(*a, column=False)), "column is always 0")
+    assert_rejects(exercises.descriptor_origin(lambda *a: _origin(*a, rows_of_head=True)), "counted in rows")
+
+
+@triton.jit
+def _origin_kernel(OUT, b, h, first_row, stride_b, stride_h, stride_n):
+    row, col = descriptor_origin(b.to(tl.int64), h.to(tl.int64), first_row, stride_b, stride_h, stride_n)
+    tl.store(OUT, row)
+    tl.store(OUT + 1, col)
+
+
+def test_descriptor_origin_matches_the_kernels():
+    """The exercise's answer is what tiles.descriptor_origin computes in the kernels (run by the interpreter
+    or the GPU) for each layout of the exercise."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for args in ((1, 2, 0, 120, 40, 8), (1, 2, 0, 120, 8, 24), (0, 3, 7, 0, 8, 32), (0, 0, 5, 0, 8, 8)):
+        out = torch.empty(2, dtype=torch.int32, device=device)
+        _origin_kernel[(1,)](out, *args)
+        assert tuple(out.tolist()) == _origin(*args), args
 
 
 # Chapter 6 -------------------------------------------------------------------------------------------
