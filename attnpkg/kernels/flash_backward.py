@@ -22,7 +22,8 @@ import triton
 import triton.language as tl
 
 from ..masks import key_tiles, query_tiles, visible
-from .tiles import descriptor_origin, load_tile, round_to, score_transform, sequence_bounds, tanh, tile_and_head, wide_arange
+from .tiles import (descriptor_origin, load_tile, round_to, score_transform, sequence_bounds, tanh, tile_and_head,
+                    wide_arange)
 
 LOG2E = tl.constexpr(1.4426950408889634)
 

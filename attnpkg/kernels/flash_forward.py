@@ -17,7 +17,8 @@ import triton
 import triton.language as tl
 
 from ..masks import key_tiles, visible
-from .tiles import descriptor_origin, load_tile, round_to, score_transform, sequence_bounds, tile_and_head, wide_arange
+from .tiles import (descriptor_origin, load_tile, round_to, score_transform, sequence_bounds, tile_and_head,
+                    wide_arange)
 
 LN2 = tl.constexpr(0.6931471805599453)
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -143,8 +144,8 @@ def flash_forward_kernel(Q, K, V, O, LSE, K_DESC, V_DESC, CU_Q, CU_K, SLOPES,
                                      qk_scale, left, right, cap2, slope2, True, SOFTCAP, ALIBI,
                                      HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, PRECISION, False, USE_TMA)
     acc, m_i, l_i = _attend_to_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, K_DESC, V_DESC,
-                                     k_row, k_col, v_row, v_col, offs_m, offs_n, offs_d, full_start, full_end, n_k, diag,
-                                     qk_scale, left, right, cap2, slope2, False, SOFTCAP, ALIBI,
+                                     k_row, k_col, v_row, v_col, offs_m, offs_n, offs_d, full_start, full_end, n_k,
+                                     diag, qk_scale, left, right, cap2, slope2, False, SOFTCAP, ALIBI,
                                      HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, PRECISION, WARP_SPECIALIZE, USE_TMA)
     acc, m_i, l_i = _attend_to_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, K_DESC, V_DESC,
                                      k_row, k_col, v_row, v_col, offs_m, offs_n, offs_d, full_end, stop, n_k, diag,
