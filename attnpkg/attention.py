@@ -130,8 +130,9 @@ def _descriptor(x, rows: int, block_d: int):
     None where Triton has no descriptors or the layout allows none.
 
     Two layouts qualify, with D contiguous and rows 16-byte aligned. Head-major: a head's N rows follow
-    the previous head's (a contiguous ``(B, H, N, D)`` tensor), seen as ``(B * H * N, D)``. Token-major:
-    the heads of one token side by side (SDPA's ``(B, N, H, D)`` transposed, a packed ``(total, H, D)``
+    the previous head's (a contiguous ``(B, H, N, D)`` tensor; a head stride of 0, one k/v head broadcast to
+    all, too), seen as ``(B * H * N, D)``. Token-major: the heads of one token side by side (SDPA's
+    ``(B, N, H, D)`` transposed, the slices of a fused ``(B, N, 3, H, D)`` projection, a packed ``(total, H, D)``
     tensor), seen as ``(tokens, H * D)`` with head h at column ``h * D``; there the tile must be exactly D
     wide, or it would reach into the next head's columns. ``tiles.descriptor_origin`` finds a head's first
     row and column in either. Rows past the matrix read as zeros."""

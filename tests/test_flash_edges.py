@@ -114,6 +114,34 @@ def test_descriptor_paths_on_the_interpreter(monkeypatch, token_major, causal):
                           cu_seqlens_k=cu)
 
 
+@pytest.mark.skipif(DEVICE == "cuda", reason="the interpreter's tiles; GPU runs follow the tile table")
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_descriptor_paths_for_model_layouts(monkeypatch, causal):
+    """Layouts that models hand over without a copy: slices of one fused QKV projection (rows 3 H D apart,
+    K and V starting mid-row) and one k/v head broadcast to every query head (head stride 0)."""
+    from attnpkg import attention
+    monkeypatch.setattr(attention, "INTERPRETER_TILES", attention.INTERPRETER_TILES._replace(tma=True))
+    built = []
+    real = attention._descriptor
+    monkeypatch.setattr(attention, "_descriptor", lambda *a: built.append(real(*a)) or built[-1])
+    b, n, h, d = 2, 40, 3, 32
+    qkv = torch.randn(b, n, 3, h, d, device=DEVICE, dtype=torch.float16, requires_grad=True)
+    views = [qkv[:, :, i].transpose(1, 2) for i in range(3)]
+    base = torch.randn(2, b, 1, n, d, device=DEVICE, dtype=torch.float16, requires_grad=True)
+    broadcast = [base[i].expand(b, h, n, d) for i in range(2)]
+    for q, k, v in (views, [views[0], *broadcast]):
+        for x in (q, k, v):
+            x.retain_grad()
+            x.grad = None                        # the query view serves both cases
+        do = torch.randn(b, h, n, d, device=DEVICE, dtype=torch.float16)
+        built.clear()
+        o, lse = attnpkg.flash_attention(q, k, v, causal=causal, return_lse=True, deterministic=True)
+        torch.autograd.backward(o, do)
+        assert len(built) == 4 and all(x is not None for x in built), built      # every K, V tile by TMA
+        got = {"o": o, "lse": lse, "dq": q.grad, "dk": k.grad, "dv": v.grad}
+        assert_flash_accuracy(got, *(x.detach().contiguous() for x in (q, k, v)), do, causal)
+
+
 # 3. Row offsets past 2^31 elements: a view whose rows lie 2^20 elements apart.
 @pytest.mark.gpu
 def test_gpu_offsets_past_two_to_the_31():
