@@ -59,7 +59,8 @@ _T = Tiles
 HOPPER_TILES = {
     # The D = 64 forward fits two programs of 8 warps per multiprocessor at 128 registers; a window or packed
     # sequences took it to 136 and 157 (one program), which the cap brings back with no spill.
-    "forward": {(64, False): _T(128, 64, 8, 3, max_registers=128), (64, True): _T(128, 64, 8, 3, max_registers=128),
+    "forward": {(64, False): _T(128, 64, 8, 3, max_registers=128),
+                (64, True): _T(128, 64, 8, 3, max_registers=128),
                 (128, False): _T(128, 128, 8, 3, tma=True),
                 (128, True): _T(128, 128, 8, 3, tma=True),
                 (256, False): _T(64, 32, 8, 2), (256, True): _T(64, 32, 8, 2)},
@@ -580,9 +581,10 @@ def flash_attention(q, k, v, *, causal=False, window_size=(-1, -1), softcap=0.0,
         outside ``[0, Nk)``) output zeros, with lse ``-inf`` and zero gradients.
 
     Supported: float16 and bfloat16 (fp32 accumulation) and float32; any ``D`` from 1 to 256; any
-    sequence length; strided inputs (SDPA's ``(B, N, H, D)`` layout passed as ``x.transpose(1, 2)`` takes the same
-    tensor-descriptor path on Hopper GPUs, measured within 3 % of a contiguous tensor at D = 128). CUDA tensors run the compiled kernels; without a CUDA GPU,
-    CPU tensors run the same kernels through Triton's interpreter (slow: for small shapes).
+    sequence length; strided inputs (SDPA's ``(B, N, H, D)`` layout passed as ``x.transpose(1, 2)`` takes
+    the same tensor-descriptor path on Hopper GPUs, measured within 3 % of a contiguous tensor at D = 128).
+    CUDA tensors run the compiled kernels; without a CUDA GPU, CPU tensors run the same kernels through
+    Triton's interpreter (slow: for small shapes).
     For packed sequences of different lengths see :func:`attnpkg.flash_attention_varlen`.
     """
     _check_inputs(q, k, v, scale)

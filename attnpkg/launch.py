@@ -118,6 +118,6 @@ class _Launcher:
 
 @functools.lru_cache(maxsize=None)
 def launch(kernel):
-    """``launch(kernel)[grid](*args, num_warps=..., num_stages=..., maxnreg=..., **constexprs)`` launches ``kernel``
-    like ``kernel[grid](...)``: runtime arguments by position, constexprs by name."""
+    """``launch(kernel)[grid](*args, num_warps=..., num_stages=..., maxnreg=..., **constexprs)`` launches
+    ``kernel`` like ``kernel[grid](...)``: runtime arguments by position, constexprs by name."""
     return _Launcher(kernel)

@@ -29,14 +29,24 @@ def load_base(path):
     return module
 
 
+def workload(head_dim, n, layout, batch=None):
+    """``(batch, heads, sequences, length)`` of one case: the tensors' batch and heads, and the sequences whose
+    FLOPs are counted (packed-L: the N / L documents of each row, of L tokens)."""
+    default_batch, heads = heads_for(head_dim)
+    batch = batch or default_batch
+    if layout.startswith("packed-"):
+        length = int(layout.split("-")[1])
+        return batch, heads, batch * n // length, length
+    return batch, heads, batch, n
+
+
 def times(package, head_dim, causal, dtype, n, layout, batch=None):
     """Forward and backward milliseconds of one package's attention. ``layout``: "bhnd" (contiguous
     (B, H, N, D)), "bnhd" ((B, N, H, D) tensors passed transposed, as SDPA users hold them) or "packed-L"
     (each row of N tokens holds N / L documents of L tokens, through flash_attention_varlen) or "window-W"
     (bhnd, with a window of W - 1 keys left of each query)."""
     from triton.testing import do_bench
-    default_batch, heads = heads_for(head_dim)
-    batch = batch or default_batch
+    batch, heads, _, length = workload(head_dim, n, layout, batch)
     token_major = layout == "bnhd" or layout.startswith("packed-")
     shape = (batch, n, heads, head_dim) if token_major else (batch, heads, n, head_dim)
     q, k, v = (torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
@@ -48,7 +58,6 @@ def times(package, head_dim, causal, dtype, n, layout, batch=None):
     elif layout == "bnhd":
         fn = lambda: package.flash_attention(*(x.transpose(1, 2) for x in (q, k, v)), causal=causal)
     else:
-        length = int(layout.split("-")[1])
         cu = torch.arange(0, batch * n + 1, length, device="cuda", dtype=torch.int32)
         fn = lambda: package.flash_attention_varlen(*(x.view(batch * n, heads, head_dim) for x in (q, k, v)),
                                                     cu, cu, length, length, causal=causal)
@@ -80,12 +89,7 @@ def main(argv=None):
                 f, b = times(package, head_dim, causal, DTYPES[dtype_name], n, args.layout, args.batch)
                 old = best.get(name, (float("inf"), float("inf")))
                 best[name] = (min(old[0], f), min(old[1], b))
-        batch, heads = heads_for(head_dim)
-        batch = args.batch or batch
-        sequences, length = batch, n
-        if args.layout.startswith("packed-"):            # FLOPs of the documents
-            length = int(args.layout.split("-")[1])
-            sequences = batch * n // length
+        _, heads, sequences, length = workload(head_dim, n, args.layout, args.batch)
         tf = lambda ms, mode: attention_flops(sequences, heads, length, head_dim, causal, mode) / ms / 1e9
         ratio_f = best["base"][0] / best["new"][0]
         ratio_b = best["base"][1] / best["new"][1]
