@@ -111,6 +111,29 @@ def test_varlen_bad_input_raises(change, match):
                                        args["max_k"], **options)
 
 
+def test_prefix_sums_are_read_once_per_unchanged_tensor(monkeypatch):
+    """The check of cu_seqlens reads them from the device once per tensor (a read waits for the GPU); a tensor
+    changed in place is read again, so a change that breaks it still raises."""
+    import attnpkg.varlen as varlen
+    reads = []
+    read = varlen._read_cu_seqlens
+    monkeypatch.setattr(varlen, "_read_cu_seqlens", lambda name, cu, *a: reads.append(name) or read(name, cu, *a))
+    q = torch.randn(10, 2, 16, device=DEVICE, dtype=HALF)
+    cu_q, cu_k = cu([0, 4, 10]), cu([0, 4, 10])
+    call = lambda max_q=6: attnpkg.flash_attention_varlen(q, q, q, cu_q, cu_k, max_q, 6)
+    first = call()
+    assert reads == ["cu_seqlens_q", "cu_seqlens_k"]
+    assert torch.equal(call(), first) and len(reads) == 2            # the same tensors: not read again
+    call(max_q=7)                                                    # another bound to check: read again
+    assert reads[2:] == ["cu_seqlens_q"]
+    cu_q[1] = 7                                                      # lengths 7 and 3: within the bound of 7
+    call(max_q=7)
+    assert reads[3:] == ["cu_seqlens_q"]
+    cu_k[1] = 11                                                     # no longer increasing: must raise
+    with pytest.raises(ValueError, match="cu_seqlens_k must be non-decreasing"):
+        call(max_q=7)
+
+
 def test_varlen_compiled():
     q, k, v, do, cu_q, cu_k, max_q, max_k = packed([7, 0, 19], [11, 3, 19], 2, 1, 16, torch.float32)
     fn = torch.compile(lambda q, k, v: attnpkg.flash_attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, causal=True,

@@ -80,24 +80,29 @@ def _dkdv_from_query_tiles(dk, dv, k, v, q_base, do_base, dq_base, lse2_base, de
                            stride_dqm, dq_row, offs_n, offs_m, offs_d, start, stop, n_q, n_k, diag, qk_scale,
                            left, right, cap2, slope2,
                            MASKED: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-                           LEFT_UNBOUNDED: tl.constexpr, RIGHT_UNBOUNDED: tl.constexpr, FUSE_DQ: tl.constexpr,
-                           DQ_TMA: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                           UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+                           LEFT_UNBOUNDED: tl.constexpr, RIGHT_UNBOUNDED: tl.constexpr, CHECK_ROWS: tl.constexpr,
+                           FUSE_DQ: tl.constexpr, DQ_TMA: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                           BLOCK_M: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
     """Accumulate dK, dV of one key tile over the query tiles [start, stop) of one query head, and with
     FUSE_DQ add each tile's share dS K of dQ into a float32 buffer: element by element through
     ``dq_base``, pointers to the head's first row (rows ``stride_dqm`` apart), or with DQ_TMA as one bulk
     reduction of the whole tile through the tensor descriptor ``dq_base`` at row ``dq_row`` + tile start.
 
-    Works on transposed tiles (keys along rows) so that no transpose of P or dS is needed for dK, dV."""
+    Works on transposed tiles (keys along rows) so that no transpose of P or dS is needed for dK, dV.
+    Without CHECK_ROWS every query tile of the run lies below ``n_q``: its rows load without a test."""
     for start_m in range(start, stop, BLOCK_M):
         rows = start_m + offs_m
-        q = load_tile(q_base + rows[:, None] * stride_qm, rows, n_q, offs_d, True, HEAD_DIM, BLOCK_D)
-        do = load_tile(do_base + rows[:, None] * stride_dom, rows, n_q, offs_d, True, HEAD_DIM, BLOCK_D)
-        # Rows past n_q get lse = +inf, hence P = 0, and contribute nothing. The test as offs_m < n_q - start_m:
-        # one subtraction per tile, then each row offset compared with it, instead of an addition per row.
-        in_seq = offs_m < n_q - start_m
-        lse2 = tl.load(lse2_base + rows, mask=in_seq, other=float("inf"))
-        delta = tl.load(delta_base + rows, mask=in_seq, other=0.0)
+        q = load_tile(q_base + rows[:, None] * stride_qm, rows, n_q, offs_d, CHECK_ROWS, HEAD_DIM, BLOCK_D)
+        do = load_tile(do_base + rows[:, None] * stride_dom, rows, n_q, offs_d, CHECK_ROWS, HEAD_DIM, BLOCK_D)
+        if CHECK_ROWS:
+            # Rows past n_q get lse = +inf, hence P = 0, and contribute nothing. The test as offs_m < n_q - start_m:
+            # one subtraction per tile, then each row offset compared with it, instead of an addition per row.
+            in_seq = offs_m < n_q - start_m
+            lse2 = tl.load(lse2_base + rows, mask=in_seq, other=float("inf"))
+            delta = tl.load(delta_base + rows, mask=in_seq, other=0.0)
+        else:
+            lse2 = tl.load(lse2_base + rows)
+            delta = tl.load(delta_base + rows)
         if UPCAST:
             q, do = q.to(tl.float32), do.to(tl.float32)
         qk_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)
@@ -189,25 +194,31 @@ def flash_backward_dkdv_kernel(Q, K, V, DO, LSE2, DELTA, DK, DV, DQ, CU_Q, CU_K,
         dq_row, _ = descriptor_origin(off_b, off_h, q0, stride_dqb, stride_dqh, stride_dqm)
     else:
         dq_base = DQ + off_b * stride_dqb + off_h * stride_dqh + q0 * stride_dqm + offs_d[None, :] * stride_dqd
+    # Query tiles below rows_end hold rows < n_q only: the full run up to there tests no row (with packed
+    # sequences n_q is read at run time, and a test per row cost 7 % of the loop). The rest of the full
+    # run, at most the ragged last tile, tests its rows: in the masked run after it where there is one.
+    rows_end = n_q // BLOCK_M * BLOCK_M
+    split = tl.maximum(tl.minimum(full_end, rows_end), full_start)
     dk, dv = _dkdv_from_query_tiles(dk, dv, k, v, q_base, do_base, dq_base, LSE2 + row0, DELTA + row0, stride_qm,
                                     stride_dom, stride_dqm, dq_row,
                                     offs_n, offs_m, offs_d, start, full_start, n_q, n_k,
                                     diag, qk_scale, left, right, cap2, slope2, True, SOFTCAP, ALIBI,
-                                    LEFT_UNBOUNDED, RIGHT_UNBOUNDED, FUSE_DQ, DQ_TMA,
+                                    LEFT_UNBOUNDED, RIGHT_UNBOUNDED, True, FUSE_DQ, DQ_TMA,
                                     HEAD_DIM, BLOCK_D, BLOCK_M, UPCAST, PRECISION)
     dk, dv = _dkdv_from_query_tiles(dk, dv, k, v, q_base, do_base, dq_base, LSE2 + row0, DELTA + row0, stride_qm,
                                     stride_dom, stride_dqm, dq_row,
-                                    offs_n, offs_m, offs_d, full_start, full_end, n_q, n_k,
+                                    offs_n, offs_m, offs_d, full_start, split, n_q, n_k,
                                     diag, qk_scale, left, right, cap2, slope2, False, SOFTCAP, ALIBI,
-                                    LEFT_UNBOUNDED, RIGHT_UNBOUNDED, FUSE_DQ, DQ_TMA,
+                                    LEFT_UNBOUNDED, RIGHT_UNBOUNDED, False, FUSE_DQ, DQ_TMA,
                                     HEAD_DIM, BLOCK_D, BLOCK_M, UPCAST, PRECISION)
-    if not LEFT_UNBOUNDED:                  # else full_end = stop = n_q: no masked run after the full one
-        dk, dv = _dkdv_from_query_tiles(dk, dv, k, v, q_base, do_base, dq_base, LSE2 + row0, DELTA + row0, stride_qm,
-                                        stride_dom, stride_dqm, dq_row,
-                                        offs_n, offs_m, offs_d, full_end, stop, n_q, n_k,
-                                        diag, qk_scale, left, right, cap2, slope2, True, SOFTCAP, ALIBI,
-                                        LEFT_UNBOUNDED, RIGHT_UNBOUNDED, FUSE_DQ, DQ_TMA,
-                                        HEAD_DIM, BLOCK_D, BLOCK_M, UPCAST, PRECISION)
+    # With a left edge: masked from split to stop (the element mask is exact on a full tile too). Without
+    # one (no mask, causal): full_end = stop = n_q, and what is left is the ragged last tile, if any.
+    dk, dv = _dkdv_from_query_tiles(dk, dv, k, v, q_base, do_base, dq_base, LSE2 + row0, DELTA + row0, stride_qm,
+                                    stride_dom, stride_dqm, dq_row,
+                                    offs_n, offs_m, offs_d, split, stop, n_q, n_k,
+                                    diag, qk_scale, left, right, cap2, slope2, not LEFT_UNBOUNDED, SOFTCAP, ALIBI,
+                                    LEFT_UNBOUNDED, RIGHT_UNBOUNDED, True, FUSE_DQ, DQ_TMA,
+                                    HEAD_DIM, BLOCK_D, BLOCK_M, UPCAST, PRECISION)
     tl.store(DK + off_b * stride_dkb + off_h * stride_dkh + (k0 + offs_n[:, None]) * stride_dkn + offs_d[None, :] * stride_dkd,
              round_to(dk * scale, DK.dtype.element_ty, UPCAST), mask=kv_ok)
     tl.store(DV + off_b * stride_dvb + off_h * stride_dvh + (k0 + offs_n[:, None]) * stride_dvn + offs_d[None, :] * stride_dvd,
