@@ -21,6 +21,7 @@ except ImportError:
 from .kernels.flash_backward import (flash_backward_dkdv_kernel, flash_backward_dq_kernel,
                                      flash_backward_preprocess)
 from .kernels.flash_forward import flash_forward_kernel
+from . import hopper
 from .launch import launch
 from .masks import window_bounds
 
@@ -291,10 +292,10 @@ def _empty_out(x, packed: bool, dtype=None):
     return torch.empty(x.shape, dtype=dtype, device=x.device)
 
 
-# The five-product backward (dQ added by atomics from the dK/dV kernel) is exact, but on the H200
-# with Triton 3.6 it measured 0.80-0.98x the two-kernel pass (benchmarks/NOTES.md): whole-tile
-# float32 atomic adds cost more than the two products they save. So deterministic=False runs the
-# two-kernel pass too, which is also deterministic, until a GPU and Triton where the fused one wins.
+# The five-product backward in triton.language (dQ added by atomics from the dK/dV kernel) is exact, but
+# on the H200 with Triton 3.6 it measured 0.80-0.98x the two-kernel pass (benchmarks/NOTES.md): whole-tile
+# float32 atomic adds cost more than the two products they save. So it is off: deterministic=False runs
+# attnpkg.hopper's Gluon kernel where that was tested, and the two-kernel pass elsewhere.
 FUSED_BACKWARD = False
 
 
@@ -303,9 +304,11 @@ def backward_impl(do, q, k, v, o, lse, dlse, causal, scale: float, deterministic
     ``causal``: a bool or a :class:`Mask`.
 
     Two kernels: one per key tile for dK and dV, one per query tile for dQ, each recomputing S and
-    dP (7 matrix products per tile pair), every sum in a fixed order. With ``FUSED_BACKWARD`` and
-    ``deterministic=False``: the dK/dV kernel alone computes S, P, dP and dS once and adds its share
-    of dQ into a float32 buffer by atomic adds (5 products), whose order varies from run to run."""
+    dP (7 matrix products per tile pair), every sum in a fixed order. With ``deterministic=False``,
+    where :mod:`attnpkg.hopper` was tested (a Hopper GPU, its Triton version, head dim 128, no mask or
+    causal), its Gluon kernel instead: 5 products per tile pair, dQ summed by float32 bulk reductions
+    whose order varies from run to run. With ``FUSED_BACKWARD`` and ``deterministic=False`` elsewhere:
+    the dK/dV kernel alone computes S, P, dP and dS once and adds its share of dQ by atomic adds."""
     mask = _as_mask(causal)
     packed = mask.cu_q is not None
     batch, n_heads, n_q, head_dim = q.shape
@@ -313,6 +316,11 @@ def backward_impl(do, q, k, v, o, lse, dlse, causal, scale: float, deterministic
     dq, dk, dv = _empty_out(q, packed), _empty_out(k, packed), _empty_out(v, packed)
     if batch == 0 or n_q == 0 or n_k == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
+    if not deterministic and q.is_cuda and not _interpreting():
+        window = window_bounds(mask.window, False, n_q, n_k)
+        if hopper.supports(q, k, window, mask.softcap, mask.alibi, packed, _capability(q.device)):
+            with _on_device_of(q):
+                return hopper.backward(do, q, k, v, o, lse, dlse, window[1] == 0, scale)
     meta = _kernel_meta(q)
     group = n_heads // n_kv_heads
     # Grouped-query: each query head's share of dK, dV in float32, summed over the group below.
@@ -334,8 +342,9 @@ def backward_impl(do, q, k, v, o, lse, dlse, causal, scale: float, deterministic
         # Packed sequences are rows of one (1, H, total) batch here: the preprocess needs no offsets.
         launch(flash_backward_preprocess)[(_cdiv(n_q, rows) * batch * n_heads,)](
             o, do, lse, dlse.contiguous() if dlse is not None else lse, delta, lse2,   # dlse may be a stride-0 expand
-            *o.stride(), *do.stride(), n_heads, n_q,
-            HEAD_DIM=head_dim, BLOCK_D=meta["BLOCK_D"], BLOCK_M=rows, HAS_DLSE=dlse is not None, INT64=wide)
+            *o.stride(), *do.stride(), n_heads, n_q, 1.0 / scale,
+            HEAD_DIM=head_dim, BLOCK_D=meta["BLOCK_D"], BLOCK_M=rows, HAS_DLSE=dlse is not None, PAIRS=False,
+            INT64=wide)
         # dK/dV (and dQ by atomics): one program owns a tile of keys and a query head; query tiles stream past it.
         t = tiles_for("fused" if fuse else "dkdv", meta["BLOCK_D"], q.dtype, q.device, banded)
         dq_desc = _dq_descriptor(dq_acc, t, meta["BLOCK_D"]) if fuse and not packed else None
@@ -571,9 +580,11 @@ def flash_attention(q, k, v, *, causal=False, window_size=(-1, -1), softcap=0.0,
             partial attentions; differentiable.
         deterministic: whether the backward pass must give bit-identical gradients on every run.
             ``None`` (default) follows ``torch.are_deterministic_algorithms_enabled()``. ``True``
-            guarantees it. ``False`` allows a non-deterministic pass where one is faster; the
-            package has one (dQ by float32 atomic adds, five matrix products per tile pair instead
-            of seven), but it measured slower on the GPUs tested, so today every pass is deterministic.
+            guarantees it (the two-kernel pass, seven matrix products per tile pair). ``False`` allows
+            a non-deterministic pass where one is faster: on Hopper GPUs (H100, H200) with the Triton
+            version it was tested with, head dim 128, no mask or causal, that is the five-product Gluon
+            kernel of :mod:`attnpkg.hopper` (dQ summed by float32 bulk reductions in any order: its last
+            bits vary; 1.2-1.3x the deterministic pass on an H200); elsewhere the deterministic pass.
 
     Returns:
         ``o`` of shape ``(B, Hq, Nq, D)`` in the dtype of ``q``, and ``lse`` if ``return_lse``.

@@ -26,9 +26,10 @@ import sys
 
 import torch
 
-# attnpkg: as shipped (the two-kernel backward); attnpkg-fused: the five-product backward with dQ by
-# atomic adds (attention.FUSED_BACKWARD, off by default because it measured slower).
-PROVIDERS = ("attnpkg", "attnpkg-fused", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient")
+# attnpkg: flash_attention with deterministic=False (on Hopper GPUs with the tested Triton, head dim 128: the
+# five-product Gluon backward of attnpkg.hopper; elsewhere the two-kernel one); attnpkg-deterministic: with
+# deterministic=True (the two-kernel backward everywhere; the same forward pass).
+PROVIDERS = ("attnpkg", "attnpkg-deterministic", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient")
 ROUNDS = 2
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -55,26 +56,22 @@ def _sdpa(backend):
     return run
 
 
-def _attnpkg(q, k, v, causal):
+def _attnpkg(deterministic):
     import attnpkg
-    return attnpkg.flash_attention(q, k, v, causal=causal)
+    return lambda q, k, v, causal: attnpkg.flash_attention(q, k, v, causal=causal, deterministic=deterministic)
+
+
+def _provider(name):
+    """fn(q, k, v, causal) -> o for one provider."""
+    return _attnpkg(name == "attnpkg-deterministic") if name.startswith("attnpkg") else _sdpa(name)
 
 
 def measure(provider, head_dim, causal, dtype, n, check_against=None, heads=None):
     """Median milliseconds of the forward and of the backward pass, or None if unsupported.
     ``heads``: (batch, query heads, key/value heads) instead of the default shape."""
-    from attnpkg import attention
-    saved, attention.FUSED_BACKWARD = attention.FUSED_BACKWARD, provider == "attnpkg-fused"
-    try:
-        return _measure(provider, head_dim, causal, dtype, n, check_against, heads)
-    finally:
-        attention.FUSED_BACKWARD = saved
-
-
-def _measure(provider, head_dim, causal, dtype, n, check_against, heads):
     from triton.testing import do_bench
     batch, hq, hkv = heads or (*heads_for(head_dim), heads_for(head_dim)[1])
-    fn = _attnpkg if provider.startswith("attnpkg") else _sdpa(provider)
+    fn = _provider(provider)
     q = torch.randn(batch, hq, n, head_dim, device="cuda", dtype=dtype, requires_grad=True)
     k, v = (torch.randn(batch, hkv, n, head_dim, device="cuda", dtype=dtype, requires_grad=True) for _ in range(2))
     try:
@@ -199,30 +196,25 @@ def host_and_gpu_time(provider, head_dim, causal, dtype, n):
     as a training loop runs them) and replayed from a CUDA graph (GPU only: no Python, no launch cost).
     Their difference is what the host adds where it cannot keep ahead of the GPU."""
     from triton.testing import do_bench, do_bench_cudagraph
-    from attnpkg import attention
-    saved, attention.FUSED_BACKWARD = attention.FUSED_BACKWARD, provider == "attnpkg-fused"
-    try:
-        batch, heads = heads_for(head_dim)
-        fn = _attnpkg if provider.startswith("attnpkg") else _sdpa(provider)
-        q, k, v = (torch.randn(batch, heads, n, head_dim, device="cuda", dtype=dtype, requires_grad=True)
-                   for _ in range(3))
-        do = torch.randn_like(q)
-        forward = lambda: fn(q, k, v, causal)
-        # A CUDA graph can only hold a backward pass whose forward it holds too (autograd runs the
-        # backward on the forward's stream), so the backward is timed as forward + backward - forward.
-        both = lambda: torch.autograd.grad(fn(q, k, v, causal), (q, k, v), do)
-        times = {}
-        for how, bench in (("eager", lambda f: do_bench(f, warmup=25, rep=100, return_mode="median")),
-                           ("graph", lambda f: do_bench_cudagraph(f, rep=100, return_mode="median"))):
-            try:
-                fwd, total = bench(forward), bench(both)
-                times["forward", how], times["backward", how] = fwd, total - fwd
-            except Exception as error:         # a backend that cannot be captured: say so, go on
-                print(f"  {provider}: no {how} timing ({type(error).__name__}: {error})")
-                times["forward", how] = times["backward", how] = None
-        return times
-    finally:
-        attention.FUSED_BACKWARD = saved
+    batch, heads = heads_for(head_dim)
+    fn = _provider(provider)
+    q, k, v = (torch.randn(batch, heads, n, head_dim, device="cuda", dtype=dtype, requires_grad=True)
+               for _ in range(3))
+    do = torch.randn_like(q)
+    forward = lambda: fn(q, k, v, causal)
+    # A CUDA graph can only hold a backward pass whose forward it holds too (autograd runs the
+    # backward on the forward's stream), so the backward is timed as forward + backward - forward.
+    both = lambda: torch.autograd.grad(fn(q, k, v, causal), (q, k, v), do)
+    times = {}
+    for how, bench in (("eager", lambda f: do_bench(f, warmup=25, rep=100, return_mode="median")),
+                       ("graph", lambda f: do_bench_cudagraph(f, rep=100, return_mode="median"))):
+        try:
+            fwd, total = bench(forward), bench(both)
+            times["forward", how], times["backward", how] = fwd, total - fwd
+        except Exception as error:         # a backend that cannot be captured: say so, go on
+            print(f"  {provider}: no {how} timing ({type(error).__name__}: {error})")
+            times["forward", how] = times["backward", how] = None
+    return times
 
 
 def run_host(cases, providers=("attnpkg", "sdpa-cudnn")):
@@ -443,14 +435,14 @@ def _case_line(rows, head_dim, causal, dtype_name, n):
 def summary_table(rows):
     """TFLOP/s of attnpkg (both backward modes) and its ratio to each SDPA backend, one line per case and pass."""
     sdpa = [p for p in PROVIDERS if p.startswith("sdpa")]
-    lines = ["", "TFLOP/s of attnpkg, and attnpkg / backend (higher is better; fused: the five-product backward)",
+    lines = ["", "TFLOP/s of attnpkg, and attnpkg / backend (higher is better; deterministic: the two-kernel backward)",
              f"{'case':<30} {'pass':<12} {'TFLOP/s':>8} " + " ".join(f"{'/' + p[5:]:>10}" for p in sdpa)]
     seen = []
     for r in rows:
         key = (r["head_dim"], r["causal"], r["dtype"], r["n"], r["mode"], r["provider"])
         if key in seen or not r["provider"].startswith("attnpkg") or not r["tflops"]:
             continue
-        if r["provider"] == "attnpkg-fused" and r["mode"] == "forward":    # the same forward pass
+        if r["provider"] == "attnpkg-deterministic" and r["mode"] == "forward":    # the same forward pass
             continue
         seen.append(key)
         case = dict(head_dim=r["head_dim"], causal=r["causal"], dtype=r["dtype"], n=r["n"])
@@ -459,7 +451,7 @@ def summary_table(rows):
             other = _lookup(rows, p, r["mode"], **case)
             ratios.append(f"{r['tflops'] / other:10.2f}" if other else f"{'-':>10}")
         name = f"D{r['head_dim']} {'causal' if r['causal'] else 'full'} {r['dtype']} N={r['n']}"
-        mode = r["mode"] + (" fused" if r["provider"] == "attnpkg-fused" else "")
+        mode = r["mode"] + (" determ." if r["provider"] == "attnpkg-deterministic" else "")
         lines.append(f"{name:<30} {mode:<12} {r['tflops']:8.1f} " + " ".join(ratios))
     return "\n".join(lines)
 

@@ -41,10 +41,11 @@ def test_memory_grows_linearly_in_sequence_length():
         del q, k, v, do
     # Linear: doubling N doubles the extra memory (an N x N buffer would quadruple it).
     assert peaks[8192] / peaks[4096] < 2.2 and peaks[16384] / peaks[8192] < 2.2, peaks
-    # And small: O, the three gradients and row statistics, a few times the size of q; the 4 heads'
-    # 16k x 16k score matrices would take 2 GiB in bf16.
+    # And small: O, the three gradients, row statistics and (five-product pass, attnpkg.hopper) the float32
+    # dQ buffer, a few times the size of q (9 times, measured on an H200); the 4 heads' 16k x 16k score
+    # matrices would take 2 GiB in bf16, 128 times the size of q.
     q_bytes = 4 * 16384 * 128 * 2
-    assert peaks[16384] < 8 * q_bytes, peaks
+    assert peaks[16384] < 10 * q_bytes, peaks
 
 
 @pytest.mark.parametrize("hkv", [16, 4, 1])

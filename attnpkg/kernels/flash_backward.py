@@ -32,10 +32,14 @@ LOG2E = tl.constexpr(1.4426950408889634)
 def flash_backward_preprocess(O, DO, LSE, DLSE, DELTA, LSE2,
                               stride_ob, stride_oh, stride_om, stride_od,
                               stride_dob, stride_doh, stride_dom, stride_dod,
-                              n_heads, n_q,
+                              n_heads, n_q, inv_scale,
                               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                              HAS_DLSE: tl.constexpr, INT64: tl.constexpr):
-    """D = rowsum(dO * O) - dlse, and lse in base 2 with +inf for rows that see no key (so P = 0 there)."""
+                              HAS_DLSE: tl.constexpr, PAIRS: tl.constexpr, INT64: tl.constexpr):
+    """D = rowsum(dO * O) - dlse, and lse in base 2 with +inf for rows that see no key (so P = 0 there).
+
+    With PAIRS (the input of the Hopper kernel, ``hopper_backward.py``): for each query tile of BLOCK_M rows,
+    BLOCK_M values -lse / scale then BLOCK_M values -D, into DELTA (LSE2 is not written); rows past n_q and
+    rows that see no key get -1e30 and 0, finite numbers that give P = 0 and dS = 0."""
     start_m, off_bh = tile_and_head(n_q, BLOCK_M, False)
     offs_m = start_m + wide_arange(BLOCK_M, INT64)
     off_b = (off_bh // n_heads).to(tl.int64)
@@ -52,8 +56,15 @@ def flash_backward_preprocess(O, DO, LSE, DLSE, DELTA, LSE2,
     if HAS_DLSE:
         # d lse_i / d S_ij = P_ij: a gradient flowing into lse adds P * dlse to dS, i.e. lowers D by dlse.
         delta -= tl.load(DLSE + row, mask=offs_m < n_q, other=0.0)
-    tl.store(DELTA + row, delta, mask=offs_m < n_q)
-    tl.store(LSE2 + row, tl.where(lse == float("-inf"), float("inf"), lse * LOG2E), mask=offs_m < n_q)
+    if PAIRS:
+        seen = (offs_m < n_q) & (lse != float("-inf"))
+        neg_m = tl.where(seen, tl.minimum(tl.maximum(-lse * inv_scale, -1e30), 1e30), -1e30)
+        pair = (off_bh.to(tl.int64) * tl.cdiv(n_q, BLOCK_M) + start_m // BLOCK_M) * (2 * BLOCK_M)
+        tl.store(DELTA + pair + tl.arange(0, BLOCK_M), neg_m)
+        tl.store(DELTA + pair + BLOCK_M + tl.arange(0, BLOCK_M), tl.where(offs_m < n_q, -delta, 0.0))
+    else:
+        tl.store(DELTA + row, delta, mask=offs_m < n_q)
+        tl.store(LSE2 + row, tl.where(lse == float("-inf"), float("inf"), lse * LOG2E), mask=offs_m < n_q)
 
 
 @triton.jit

@@ -1,0 +1,80 @@
+"""The Hopper backward: FlashAttention-3's five-product schedule in Gluon, where it was tested.
+
+``flash_attention``'s backward pass runs the portable two-kernel pass (``kernels/flash_backward.py``: seven matrix
+products per tile pair, every sum owned by one program, the same bits on every run) everywhere, and, where the caller
+allows a non-deterministic pass (``deterministic=False``, the default unless torch's deterministic algorithms are on),
+this one: ``kernels/hopper_backward.py``, a Gluon kernel that computes each tile's S, P, dP and dS once and adds its
+share of dQ into a float32 buffer by bulk reductions (five products). On an H200 it ran 1.20-1.30x the portable pass
+at head dim 128 (``benchmarks/NOTES.md``).
+
+It is chosen only where it was tested: a Hopper GPU (compute capability 9.0) with the Triton version it was written
+against (Gluon's interface changes from one release to the next), head dim 128 (at 64 it was not faster), float16 or
+bfloat16, no mask or a causal one, dense inputs. Everything else, and the book's CPU runs, take the portable pass.
+"""
+import torch
+import triton
+
+from .kernels.flash_backward import flash_backward_preprocess
+from .launch import launch
+
+ENABLED = True                        # False: always the portable pass (benchmarks, tests)
+TESTED_TRITON = ("3.6.",)             # Triton versions the kernel was run and tested with
+TESTED_CAPABILITY = (9, 0)
+HEAD_DIMS = (128,)
+BLOCK_M, BLOCK_N, NUM_WARPS, NUM_STAGES = 64, 128, 8, 2
+
+
+def supports(q, k, window, softcap, alibi, packed, capability, triton_version=triton.__version__) -> bool:
+    """Whether the Hopper kernel serves this backward pass: the GPU, Triton, head dim, dtype and mask it was tested
+    with. ``window`` is ``(left, right)`` as the kernels take them (an unbounded side is ``Nq + Nk`` or more);
+    ``capability`` is the GPU's ``(major, minor)``."""
+    n_q, n_k = q.shape[2], k.shape[2]
+    big = n_q + n_k
+    left, right = window
+    return (ENABLED and capability == TESTED_CAPABILITY and triton_version.startswith(TESTED_TRITON)
+            and q.shape[-1] in HEAD_DIMS and q.dtype in (torch.float16, torch.bfloat16)
+            and not packed and not softcap and alibi is None and left >= big and (right >= big or right == 0)
+            and q.shape[0] * q.shape[1] * (n_q + BLOCK_M) < 2**31 and k.shape[0] * k.shape[1] * (n_k + BLOCK_N) < 2**31)
+
+
+def backward(do, q, k, v, o, lse, dlse, causal: bool, scale: float):
+    """``(dq, dk, dv)`` by the Hopper kernel; the inputs must pass :func:`supports`. dQ's float32 sums arrive in
+    any order, so its last bits can change from run to run (dK and dV are deterministic)."""
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from .kernels.hopper_backward import hopper_backward_kernel
+
+    batch, heads, n_q, d = q.shape
+    kv_heads, n_k = k.shape[1], k.shape[2]
+    group = heads // kv_heads
+    q, k, v, o, do = (x.contiguous() for x in (q, k, v, o, do))    # the descriptors view them as (rows, d)
+    q_tiles = -(-n_q // BLOCK_M)
+    # Per query tile, -lse / scale and -D (preprocessing with PAIRS): they start the S^T and dP^T accumulators.
+    pairs = torch.empty(batch * heads * q_tiles * 2 * BLOCK_M, dtype=torch.float32, device=q.device)
+    launch(flash_backward_preprocess)[(q_tiles * batch * heads,)](
+        o, do, lse, dlse.contiguous() if dlse is not None else lse, pairs, pairs, *o.stride(), *do.stride(),
+        heads, n_q, 1.0 / scale, HEAD_DIM=d, BLOCK_D=d, BLOCK_M=BLOCK_M, HAS_DLSE=dlse is not None, PAIRS=True,
+        INT64=(n_q + 256) * d >= 2**31)
+    dq_acc = torch.zeros((batch, heads, n_q, d), dtype=torch.float32, device=q.device)
+    partial = torch.float32 if group > 1 else q.dtype             # grouped-query: per-query-head shares of dK, dV
+    dk = torch.empty((batch, heads, n_k, d), dtype=partial, device=q.device)
+    dv = torch.empty_like(dk)
+
+    element = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
+    def rows(x, block, dtype=element):
+        matrix = x.view(-1, d)
+        layout = gl.NVMMASharedLayout.get_default_for([block, d], dtype)
+        return TensorDescriptor(matrix, list(matrix.shape), list(matrix.stride()), [block, d], layout)
+    pair_layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=1)
+    pair_desc = TensorDescriptor(pairs, [pairs.numel()], [1], [2 * BLOCK_M], pair_layout)
+    hopper_backward_kernel[(-(-n_k // BLOCK_N), batch * heads)](
+        rows(q, BLOCK_M), rows(k, BLOCK_N), rows(v, BLOCK_N), rows(do, BLOCK_M), rows(dq_acc, BLOCK_M, gl.float32),
+        pair_desc, dk, dv, n_q, n_k, scale * 1.4426950408889634, scale,
+        GROUP=group, CAUSAL=causal, OVERLAP=True, HEAD_DIM=d, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        NUM_STAGES=NUM_STAGES, num_warps=NUM_WARPS)
+    dq = dq_acc.to(q.dtype)                                           # the kernel added scale * dS K
+    if group > 1:                                                     # a fixed order of summation
+        dk = dk.view(batch, kv_heads, group, n_k, d).sum(2).to(q.dtype)
+        dv = dv.view(batch, kv_heads, group, n_k, d).sum(2).to(q.dtype)
+    return dq, dk, dv

@@ -1,0 +1,138 @@
+"""attnpkg.hopper: the five-product Gluon backward, chosen only where it was tested, exact where it runs."""
+import pytest
+import torch
+
+import attnpkg
+from attnpkg import attention, hopper
+from accuracy import assert_flash_accuracy
+
+TESTED = dict(capability=hopper.TESTED_CAPABILITY, triton_version=hopper.TESTED_TRITON[0] + "0")
+
+
+def qk(d=128, dtype=torch.bfloat16, n_q=256, n_k=256):
+    return torch.empty(2, 4, n_q, d, dtype=dtype), torch.empty(2, 2, n_k, d, dtype=dtype)
+
+
+@pytest.mark.parametrize("change,chosen", [
+    (dict(), True),
+    (dict(window=(0, 0)), False),                        # a window: the portable pass
+    (dict(window=("big", 0)), True),                     # causal
+    (dict(window=("big", 5)), False),
+    (dict(softcap=30.0), False),
+    (dict(alibi=torch.ones(2, 4)), False),
+    (dict(packed=True), False),
+    (dict(d=64), False),                                 # measured no faster there
+    (dict(dtype=torch.float32), False),
+    (dict(capability=(8, 0)), False),                    # A100
+    (dict(capability=(10, 0)), False),                   # Blackwell: not tested
+    (dict(triton_version="3.9.0"), False),               # Gluon changes between releases
+], ids=str)
+def test_hopper_kernel_is_chosen_only_where_it_was_tested(change, chosen):
+    q, k = qk(change.pop("d", 128), change.pop("dtype", torch.bfloat16))
+    big = q.shape[2] + k.shape[2]
+    window = tuple(big if w == "big" else w for w in change.pop("window", ("big", "big")))
+    args = dict(window=window, softcap=0.0, alibi=None, packed=False, **TESTED)
+    args.update(change)
+    assert hopper.supports(q, k, **args) is chosen
+
+
+def test_hopper_kernel_can_be_switched_off(monkeypatch):
+    q, k = qk()
+    big = q.shape[2] + k.shape[2]
+    monkeypatch.setattr(hopper, "ENABLED", False)
+    assert not hopper.supports(q, k, (big, big), 0.0, None, False, **TESTED)
+
+
+def _taken(monkeypatch):
+    """A list that records each call of the Hopper kernel's launcher."""
+    calls = []
+    run = hopper.backward
+    monkeypatch.setattr(hopper, "backward", lambda *a, **kw: calls.append(1) or run(*a, **kw))
+    return calls
+
+
+def _hopper_here():
+    if not torch.cuda.is_available():
+        return False
+    capability = attention._capability(torch.device("cuda"))
+    big = 10**9
+    return hopper.supports(*(t.cuda() for t in qk()), (big, big), 0.0, None, False, capability)
+
+
+needs_hopper = pytest.mark.skipif(not _hopper_here(), reason="needs the GPU and Triton attnpkg.hopper was tested with")
+
+
+def grads(q, k, v, do, dlse=None, **options):
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    o, lse = attnpkg.flash_attention(q, k, v, return_lse=True, **options)
+    outputs, seeds = ((o, lse), (do, dlse)) if dlse is not None else ((o,), (do,))
+    dq, dk, dv = torch.autograd.grad(outputs, (q, k, v), seeds)
+    return {"o": o, "lse": lse, "dq": dq, "dk": dk, "dv": dv}
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("b,hq,hkv,n_q,n_k", [
+    (2, 4, 4, 1000, 1000),          # ragged tiles
+    (1, 4, 4, 4096, 4096),
+    (2, 8, 2, 300, 1000),           # grouped-query, Nq < Nk
+    (2, 8, 1, 1000, 256),           # multi-query, Nq > Nk: with causal, rows that see no key
+    (1, 2, 1, 1, 1),
+    (1, 2, 2, 64, 129),             # one key past a tile
+])
+def test_hopper_backward_matches_float64(monkeypatch, dtype, causal, b, hq, hkv, n_q, n_k):
+    calls = _taken(monkeypatch)
+    q = torch.randn(b, hq, n_q, 128, device="cuda", dtype=dtype)
+    k, v = (torch.randn(b, hkv, n_k, 128, device="cuda", dtype=dtype) for _ in range(2))
+    do = torch.randn_like(q)
+    got = grads(q, k, v, do, causal=causal, deterministic=False)
+    assert calls, "the Hopper kernel did not run"
+    assert_flash_accuracy(got, q, k, v, do, causal)
+    if causal and n_q > n_k:
+        assert (got["dq"][:, :, :n_q - n_k] == 0).all()         # rows that see no key: zero gradient
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("hkv", [8, 1])
+def test_hopper_backward_with_a_gradient_into_lse(monkeypatch, hkv):
+    calls = _taken(monkeypatch)
+    q = torch.randn(2, 8, 700, 128, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(2, hkv, 700, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    do, dlse = torch.randn_like(q), torch.randn(2, 8, 700, device="cuda")
+    got = grads(q, k, v, do, dlse, causal=True, deterministic=False)
+    assert calls
+    want = grads(q, k, v, do, dlse, causal=True, deterministic=True)
+    for name in ("dq", "dk", "dv"):
+        torch.testing.assert_close(got[name], want[name], atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@needs_hopper
+def test_deterministic_runs_the_two_kernel_pass_and_defaults_follow_torch(monkeypatch):
+    calls = _taken(monkeypatch)
+    q, k, v = (torch.randn(1, 4, 512, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    attnpkg.flash_attention(q, k, v, causal=True, deterministic=True).sum().backward()
+    assert not calls
+    attnpkg.flash_attention(q, k, v, causal=True).sum().backward()      # None: torch's setting, off by default
+    assert len(calls) == 1
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    attnpkg.flash_attention(q, k, v, causal=True).sum().backward()
+    assert len(calls) == 1
+    attnpkg.flash_attention(q, k, v, causal=True, window_size=(100, 0), deterministic=False).sum().backward()
+    assert len(calls) == 1                                               # a window: not tested there
+
+
+@pytest.mark.gpu
+@needs_hopper
+def test_hopper_backward_dk_dv_bitwise_stable_dq_close():
+    """dK and dV are sums owned by one program; dQ's float32 additions land in any order."""
+    q = torch.randn(2, 8, 2048, 128, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(2, 2, 2048, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    do = torch.randn_like(q)
+    runs = [grads(q, k, v, do, causal=True, deterministic=False) for _ in range(3)]
+    for other in runs[1:]:
+        assert torch.equal(other["dk"], runs[0]["dk"]) and torch.equal(other["dv"], runs[0]["dv"])
+        torch.testing.assert_close(other["dq"], runs[0]["dq"], atol=1e-2, rtol=1e-2)
