@@ -9,7 +9,8 @@ at head dim 128 (``benchmarks/NOTES.md``).
 
 It is chosen only where it was tested: a Hopper GPU (compute capability 9.0) with the Triton version it was written
 against (Gluon's interface changes from one release to the next), head dim 128 (at 64 it was not faster), float16 or
-bfloat16, no mask or a causal one, dense inputs. Everything else, and the book's CPU runs, take the portable pass.
+bfloat16, dense inputs, any band of :mod:`attnpkg.masks` (no mask, causal, sliding windows) without a soft cap or
+ALiBi. Everything else (packed sequences too), and the book's CPU runs, take the portable pass.
 """
 import torch
 import triton
@@ -18,6 +19,7 @@ from .kernels.flash_backward import flash_backward_preprocess
 from .launch import launch
 
 ENABLED = True                        # False: always the portable pass (benchmarks, tests)
+WINDOWS = True                        # sliding windows too (else no mask and causal only)
 TESTED_TRITON = ("3.6.",)             # Triton versions the kernel was run and tested with
 TESTED_CAPABILITY = (9, 0)
 HEAD_DIMS = (128,)
@@ -33,13 +35,20 @@ def supports(q, k, window, softcap, alibi, packed, capability, triton_version=tr
     left, right = window
     return (ENABLED and capability == TESTED_CAPABILITY and triton_version.startswith(TESTED_TRITON)
             and q.shape[-1] in HEAD_DIMS and q.dtype in (torch.float16, torch.bfloat16)
-            and not packed and not softcap and alibi is None and left >= big and (right >= big or right == 0)
+            and not packed and not softcap and alibi is None and window_tested(window, big)
             and q.shape[0] * q.shape[1] * (n_q + BLOCK_M) < 2**31 and k.shape[0] * k.shape[1] * (n_k + BLOCK_N) < 2**31)
 
 
-def backward(do, q, k, v, o, lse, dlse, causal: bool, scale: float):
-    """``(dq, dk, dv)`` by the Hopper kernel; the inputs must pass :func:`supports`. dQ's float32 sums arrive in
-    any order, so its last bits can change from run to run (dK and dV are deterministic)."""
+def window_tested(window, big) -> bool:
+    """The bands the kernel was tested with: any (``WINDOWS``), or only no mask and causal."""
+    left, right = window
+    return WINDOWS or (left >= big and (right >= big or right == 0))
+
+
+def backward(do, q, k, v, o, lse, dlse, window, scale: float):
+    """``(dq, dk, dv)`` by the Hopper kernel; the inputs must pass :func:`supports`. ``window``: ``(left, right)`` as
+    the kernels take them. dQ's float32 sums arrive in any order, so its last bits can change from run to run (dK
+    and dV are deterministic)."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
@@ -48,6 +57,7 @@ def backward(do, q, k, v, o, lse, dlse, causal: bool, scale: float):
     batch, heads, n_q, d = q.shape
     kv_heads, n_k = k.shape[1], k.shape[2]
     group = heads // kv_heads
+    left, right = window                          # as masks.window_bounds gives them: Nq + Nk for an open side
     q, k, v, o, do = (x.contiguous() for x in (q, k, v, o, do))    # the descriptors view them as (rows, d)
     q_tiles = -(-n_q // BLOCK_M)
     # Per query tile, -lse / scale and -D (preprocessing with PAIRS): they start the S^T and dP^T accumulators.
@@ -70,8 +80,8 @@ def backward(do, q, k, v, o, lse, dlse, causal: bool, scale: float):
     pair_desc = TensorDescriptor(pairs, [pairs.numel()], [1], [2 * BLOCK_M], pair_layout)
     hopper_backward_kernel[(-(-n_k // BLOCK_N), batch * heads)](
         rows(q, BLOCK_M), rows(k, BLOCK_N), rows(v, BLOCK_N), rows(do, BLOCK_M), rows(dq_acc, BLOCK_M, gl.float32),
-        pair_desc, dk, dv, n_q, n_k, scale * 1.4426950408889634, scale,
-        GROUP=group, CAUSAL=causal, OVERLAP=True, HEAD_DIM=d, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        pair_desc, dk, dv, n_q, n_k, left, right, scale * 1.4426950408889634, scale,
+        GROUP=group, LEFT=left < n_q + n_k, RIGHT=right < n_q + n_k, OVERLAP=True, HEAD_DIM=d, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
         NUM_STAGES=NUM_STAGES, num_warps=NUM_WARPS)
     dq = dq_acc.to(q.dtype)                                           # the kernel added scale * dS K
     if group > 1:                                                     # a fixed order of summation

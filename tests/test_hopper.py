@@ -15,9 +15,12 @@ def qk(d=128, dtype=torch.bfloat16, n_q=256, n_k=256):
 
 @pytest.mark.parametrize("change,chosen", [
     (dict(), True),
-    (dict(window=(0, 0)), False),                        # a window: the portable pass
     (dict(window=("big", 0)), True),                     # causal
-    (dict(window=("big", 5)), False),
+    (dict(window=(100, 0)), True),                       # sliding windows
+    (dict(window=(0, 0)), True),
+    (dict(window=("big", 5)), True),
+    (dict(window=(100, 0), windows=False), False),       # with windows switched off: no mask and causal only
+    (dict(window=("big", 0), windows=False), True),
     (dict(softcap=30.0), False),
     (dict(alibi=torch.ones(2, 4)), False),
     (dict(packed=True), False),
@@ -27,7 +30,8 @@ def qk(d=128, dtype=torch.bfloat16, n_q=256, n_k=256):
     (dict(capability=(10, 0)), False),                   # Blackwell: not tested
     (dict(triton_version="3.9.0"), False),               # Gluon changes between releases
 ], ids=str)
-def test_hopper_kernel_is_chosen_only_where_it_was_tested(change, chosen):
+def test_hopper_kernel_is_chosen_only_where_it_was_tested(monkeypatch, change, chosen):
+    monkeypatch.setattr(hopper, "WINDOWS", change.pop("windows", True))
     q, k = qk(change.pop("d", 128), change.pop("dtype", torch.bfloat16))
     big = q.shape[2] + k.shape[2]
     window = tuple(big if w == "big" else w for w in change.pop("window", ("big", "big")))
@@ -73,7 +77,8 @@ def grads(q, k, v, do, dlse=None, **options):
 @pytest.mark.gpu
 @needs_hopper
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("causal,window", [(False, (-1, -1)), (True, (-1, -1)), (True, (300, 0)), (False, (37, 5)),
+                                           (False, (-1, 17)), (False, (200, -1))], ids=str)
 @pytest.mark.parametrize("b,hq,hkv,n_q,n_k", [
     (2, 4, 4, 1000, 1000),          # ragged tiles
     (1, 4, 4, 4096, 4096),
@@ -82,15 +87,15 @@ def grads(q, k, v, do, dlse=None, **options):
     (1, 2, 1, 1, 1),
     (1, 2, 2, 64, 129),             # one key past a tile
 ])
-def test_hopper_backward_matches_float64(monkeypatch, dtype, causal, b, hq, hkv, n_q, n_k):
+def test_hopper_backward_matches_float64(monkeypatch, dtype, causal, window, b, hq, hkv, n_q, n_k):
     calls = _taken(monkeypatch)
     q = torch.randn(b, hq, n_q, 128, device="cuda", dtype=dtype)
     k, v = (torch.randn(b, hkv, n_k, 128, device="cuda", dtype=dtype) for _ in range(2))
     do = torch.randn_like(q)
-    got = grads(q, k, v, do, causal=causal, deterministic=False)
+    got = grads(q, k, v, do, causal=causal, window_size=window, deterministic=False)
     assert calls, "the Hopper kernel did not run"
-    assert_flash_accuracy(got, q, k, v, do, causal)
-    if causal and n_q > n_k:
+    assert_flash_accuracy(got, q, k, v, do, causal, window_size=window)
+    if causal and window == (-1, -1) and n_q > n_k:
         assert (got["dq"][:, :, :n_q - n_k] == 0).all()         # rows that see no key: zero gradient
 
 
@@ -121,8 +126,8 @@ def test_deterministic_runs_the_two_kernel_pass_and_defaults_follow_torch(monkey
     monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
     attnpkg.flash_attention(q, k, v, causal=True).sum().backward()
     assert len(calls) == 1
-    attnpkg.flash_attention(q, k, v, causal=True, window_size=(100, 0), deterministic=False).sum().backward()
-    assert len(calls) == 1                                               # a window: not tested there
+    attnpkg.flash_attention(q, k, v, causal=True, softcap=20.0, deterministic=False).sum().backward()
+    assert len(calls) == 1                                               # a soft cap: not supported there
 
 
 @pytest.mark.gpu

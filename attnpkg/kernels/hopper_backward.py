@@ -62,14 +62,17 @@ mbarrier phases: three barriers per ring stage s (ready_q, ready_do, ready_l: on
 Triton's shared-memory hazard analysis does not put a bar.sync between copies that share a barrier).
 Each is armed (arrive + expect-tx) once per tile t with t % NUM_STAGES == s and completes once, when that
 copy's bytes have landed, so tile t waits on them with parity (t // NUM_STAGES) & 1.  Tiles are numbered by
-one counter t over the masked loop then the full loop (contiguous ranges), so the bookkeeping carries
-across the two loops.  A barrier is re-armed (tile t+S-1) only after every thread has passed its wait on
+one counter t over the masked, full and masked loops (contiguous ranges), so the bookkeeping carries
+across the loops.  A barrier is re-armed (tile t+S-1) only after every thread has passed its wait on
 the previous phase (tile t-1, in iteration t-1, followed by several bar.syncs), so no waiter can miss a
 phase.  kv_bar is used once (parity 0).  Tiles past the last are never armed nor waited for.
 
-Masks (bottom-right causal: query i sees key j iff j <= i + Nk - Nq): query tiles before the first one
-that sees the key tile are skipped, the diagonal ones are masked element by element, the rest are full
-(no mask arithmetic).  A ragged last key tile is masked against every query tile (keys >= Nk -> P = 0).
+Masks: the band of ``attnpkg.masks``, bottom-right aligned: query i sees key j iff
+i + Nk - Nq - left <= j <= i + Nk - Nq + right (causal: right = 0; an unbounded side is Nq + Nk, and LEFT /
+RIGHT say which sides exist).  For a key tile, query tiles that see none of it are skipped; the others run
+as masked [first, full_first) (the right edge: the causal diagonal), full [full_first, full_end) (no mask
+arithmetic), masked [full_end, last) (the left edge of a window), the schedule of ``masks.query_tiles``.
+A ragged last key tile is masked against every query tile (keys >= Nk -> P = 0).
 Rows past Nq (and rows that see no key) get -m = -1e30, so P = 0 and dS = 0; their Q/dO rows are the next
 head's finite rows or TMA zeros, so they add exact zeros to dK, dV and to dQacc (TMA clips rows past the
 buffer; rows of the next head receive +0).
@@ -121,10 +124,10 @@ def _copy_tile(q_desc, do_desc, ld_desc, q_ring, do_ring, ld_ring, ready_q, read
 
 
 @gluon.jit
-def _query_tiles(lo, hi, dk, dv, start_n, q_row0, l_row0, q_lo, n_q, n_k, n_total, qk_scale, scale,
+def _query_tiles(lo, hi, dk, dv, start_n, q_row0, l_row0, q_lo, n_q, n_k, left, right, n_total, qk_scale, scale,
                  q_desc, do_desc, dq_desc, ld_desc, kv_bufs, q_ring, do_ring, ld_ring,
                  p_bufs, ds_bufs, dq_s, ready_q, ready_do, ready_l,
-                 MASKED: gl.constexpr, CAUSAL: gl.constexpr, OVERLAP: gl.constexpr,
+                 MASKED: gl.constexpr, LEFT: gl.constexpr, RIGHT: gl.constexpr, OVERLAP: gl.constexpr,
                  HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                  NUM_STAGES: gl.constexpr, num_warps: gl.constexpr):
     """Tiles t in [lo, hi) of this program's query tiles (query rows q_lo + t * BLOCK_M ...)."""
@@ -179,9 +182,11 @@ def _query_tiles(lo, hi, dk, dv, start_n, q_row0, l_row0, q_lo, n_q, n_k, n_tota
         if MASKED:
             keys = start_n + gl.arange(0, BLOCK_N, layout=row_layout)
             ok = keys[:, None] < n_k
-            if CAUSAL:
-                offs_q = start_m + gl.arange(0, BLOCK_M, layout=col_layout)
-                ok = ok & (keys[:, None] <= offs_q[None, :] + diag)
+            offs_q = start_m + gl.arange(0, BLOCK_M, layout=col_layout)
+            if RIGHT:
+                ok = ok & (keys[:, None] <= offs_q[None, :] + diag + right)
+            if LEFT:
+                ok = ok & (keys[:, None] >= offs_q[None, :] + diag - left)
             s = gl.where(ok, s, float("-inf"))
         p = gl.exp2(s * qk_scale)
         # The previous tile's dQ reduce must have read the staging tile before anyone rewrites it
@@ -225,8 +230,8 @@ def _query_tiles(lo, hi, dk, dv, start_n, q_row0, l_row0, q_lo, n_q, n_k, n_tota
 
 @gluon.jit
 def hopper_backward_kernel(q_desc, k_desc, v_desc, do_desc, dq_desc, ld_desc, DK, DV,
-                           n_q, n_k, qk_scale, scale,
-                           GROUP: gl.constexpr, CAUSAL: gl.constexpr, OVERLAP: gl.constexpr,
+                           n_q, n_k, left, right, qk_scale, scale,
+                           GROUP: gl.constexpr, LEFT: gl.constexpr, RIGHT: gl.constexpr, OVERLAP: gl.constexpr,
                            HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                            NUM_STAGES: gl.constexpr, num_warps: gl.constexpr):
     """Grid (cdiv(Nk, BLOCK_N), B * Hq).  q/do/dq descriptors: (B*Hq*Nq, D) rows, blocks [BLOCK_M, D];
@@ -245,20 +250,31 @@ def hopper_backward_kernel(q_desc, k_desc, v_desc, do_desc, dq_desc, ld_desc, DK
     l_row0 = bh * q_tiles * (2 * BLOCK_M)
     kv_row = (bh // GROUP) * n_k + start_n
 
-    # Query tiles that see this key tile: [first, q_tiles); masked ones [first, full_first).
+    # Query tiles that see this key tile, [first, last), in tile units: masked [first, full_first), full
+    # [full_first, full_end), masked [full_end, last). Query i sees key j iff j - diag - right <= i <= j - diag + left.
     diag = n_k - n_q
     ragged = start_n + BLOCK_N > n_k
-    if CAUSAL:
-        first = gl.maximum(start_n - diag, 0) // BLOCK_M
-        full_first = gl.cdiv(gl.maximum(start_n + BLOCK_N - 1 - diag, 0), BLOCK_M)
-        full_first = gl.minimum(full_first, q_tiles)
-    else:
-        first = 0
-        full_first = 0
-    full_first = gl.where(ragged, q_tiles, full_first)
+    first = 0
+    full_first = 0
+    last = q_tiles
+    full_end = q_tiles
+    if RIGHT:       # rows before start_n - diag - right see none of the tile; from its last key's on, all of it
+        first = gl.maximum(start_n - diag - right, 0) // BLOCK_M
+        full_first = gl.cdiv(gl.maximum(start_n + BLOCK_N - 1 - diag - right, 0), BLOCK_M)
+    if LEFT:        # rows past the last key + left see none of it; rows up to start_n - diag + left, all of it
+        last_key = gl.minimum(start_n + BLOCK_N, n_k) - 1
+        last = gl.cdiv(gl.maximum(gl.minimum(last_key - diag + left + 1, n_q), 0), BLOCK_M)
+        blind = start_n - diag + left + 1
+        full_end = gl.where(blind >= n_q, q_tiles, gl.maximum(blind, 0) // BLOCK_M)
+    last = gl.maximum(last, first)
+    full_first = gl.minimum(gl.maximum(full_first, first), last)
+    full_end = gl.minimum(gl.maximum(full_end, full_first), last)
+    full_first = gl.where(ragged, last, full_first)
+    full_end = gl.where(ragged, last, full_end)
     q_lo = first * BLOCK_M
-    n_total = q_tiles - first
+    n_total = last - first
     n_masked = full_first - first
+    n_full = full_end - first
 
     # Shared memory: K, V (whole tile), Q/dO/(-m,-delta) ring, P^T and dS^T tiles, dQ staging, barriers.
     kv_bufs = gl.allocate_shared_memory(dtype, [2, BLOCK_N, HEAD_DIM], k_desc.layout)     # K, V
@@ -298,14 +314,19 @@ def hopper_backward_kernel(q_desc, k_desc, v_desc, do_desc, dq_desc, ld_desc, DK
         dk = warpgroup_mma_init(dk)      # dK stays in flight across iterations; dV is waited inside one
     mbarrier.wait(kv_bar, 0)
 
-    dk, dv = _query_tiles(0, n_masked, dk, dv, start_n, q_row0, l_row0, q_lo, n_q, n_k, n_total, qk_scale, scale,
-                          q_desc, do_desc, dq_desc, ld_desc, kv_bufs, q_ring, do_ring, ld_ring,
+    dk, dv = _query_tiles(0, n_masked, dk, dv, start_n, q_row0, l_row0, q_lo, n_q, n_k, left, right, n_total,
+                          qk_scale, scale, q_desc, do_desc, dq_desc, ld_desc, kv_bufs, q_ring, do_ring, ld_ring,
                           p_bufs, ds_bufs, dq_s, ready_q, ready_do, ready_l,
-                          True, CAUSAL, OVERLAP, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES, num_warps)
-    dk, dv = _query_tiles(n_masked, n_total, dk, dv, start_n, q_row0, l_row0, q_lo, n_q, n_k, n_total, qk_scale, scale,
-                          q_desc, do_desc, dq_desc, ld_desc, kv_bufs, q_ring, do_ring, ld_ring,
+                          True, LEFT, RIGHT, OVERLAP, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES, num_warps)
+    dk, dv = _query_tiles(n_masked, n_full, dk, dv, start_n, q_row0, l_row0, q_lo, n_q, n_k, left, right, n_total,
+                          qk_scale, scale, q_desc, do_desc, dq_desc, ld_desc, kv_bufs, q_ring, do_ring, ld_ring,
                           p_bufs, ds_bufs, dq_s, ready_q, ready_do, ready_l,
-                          False, CAUSAL, OVERLAP, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES, num_warps)
+                          False, LEFT, RIGHT, OVERLAP, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES, num_warps)
+    if LEFT:        # without a left edge full_end = last: no masked run after the full one
+        dk, dv = _query_tiles(n_full, n_total, dk, dv, start_n, q_row0, l_row0, q_lo, n_q, n_k, left, right, n_total,
+                              qk_scale, scale, q_desc, do_desc, dq_desc, ld_desc, kv_bufs, q_ring, do_ring, ld_ring,
+                              p_bufs, ds_bufs, dq_s, ready_q, ready_do, ready_l,
+                              True, LEFT, RIGHT, OVERLAP, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES, num_warps)
     if OVERLAP:
         dk, dv = warpgroup_mma_wait(0, deps=[dk, dv])
     tma.store_wait(0)
