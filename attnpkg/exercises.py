@@ -24,7 +24,7 @@ from .check import Finding, Report, _quiet, describe_mismatch, max_error, refere
 
 __all__ = ["softmax_backward", "logsumexp", "matmul_backward", "linear_backward", "attention_backward",
            "causal_mask", "split_heads", "projection_weight_gradient", "online_update", "merge_partials",
-           "forward_tile", "descriptor_origin", "delta", "dq_tile", "attention_flops", "causal_tile_fraction",
+           "forward_tile", "descriptor_origin", "delta", "dq_tile", "start_values", "attention_flops", "causal_tile_fraction",
            "window_mask", "softcap_backward", "ring_merge", "causal_work"]
 
 f64 = torch.float64
@@ -460,6 +460,48 @@ def dq_tile(body):
 
 # ---------------------------------------------------------------------------------------------------
 # Chapter 7: speed and memory
+
+def start_values(fn):
+    """``fn(lse, delta, scale, block)``: what the Hopper backward starts its two accumulators from (chapter 6,
+    ``eq-fb-hopper-start``): for ``lse``, ``delta`` of shape ``(..., N)``, a tensor ``(..., cdiv(N, block), 2, block)``
+    holding, per query tile, ``-lse / scale`` then ``-delta``; rows past ``N`` and rows that see no key
+    (``lse = -inf``) get ``-1e30`` and ``0``."""
+    g = _gen(12)
+    n, block, scale = 10, 4, 0.25
+    lse, delta = _randn(2, n, generator=g) * 3, _randn(2, n, generator=g)
+    lse[1, 3] = -math.inf
+    tiles = -(-n // block)
+
+    def pack(m_values, d_values, pad_m=-1e30, pad_d=0.0):
+        out = torch.empty(2, tiles * block, 2, dtype=f64)
+        out[..., 0], out[..., 1] = pad_m, pad_d
+        out[:, :n, 0], out[:, :n, 1] = m_values, d_values
+        return out.view(2, tiles, block, 2).transpose(-1, -2)
+
+    seen = torch.isfinite(lse)
+    want = pack(torch.where(seen, -lse / scale, -1e30), -delta)
+    alts = {"start values": [
+        ("the scale is missing: m = lse / scale, since P = 2^(scale log2(e) (K Q^T - m))",
+         pack(torch.where(seen, -lse, -1e30), -delta)),
+        ("the signs: the accumulators start at -m and -D, so that K Q^T - m and V dO^T - D come out",
+         pack(torch.where(seen, lse / scale, 1e30), delta)),
+        ("a row that sees no key gets -inf: an infinity in the tensor cores' accumulator; -1e30 gives P = 0 too",
+         pack(torch.where(seen, -lse / scale, -math.inf), -delta)),
+        ("the two halves of a tile are swapped: -m first, then -D",
+         pack(-delta, torch.where(seen, -lse / scale, -1e30), pad_m=0.0, pad_d=-1e30))]}
+    # The padding -1e30 would set the scale of the comparison (and so its tolerance): compared with finite entries
+    # capped at 1e3 (the right ones here are below 40), infinities kept.
+    def squash(x):
+        x = torch.as_tensor(x).double()
+        return torch.where(torch.isinf(x), x, x.clamp(-1e3, 1e3))
+
+    def graded(*args):
+        return squash(_call(fn, args))
+    graded.__name__ = getattr(fn, "__name__", "the function")
+    alts = {name: [(text, squash(t)) for text, t in items] for name, items in alts.items()}
+    cases = [("a ragged last tile and a row that sees no key", (lse, delta, scale, block), (squash(want),), alts)]
+    return _grade("start values", graded, cases, ["start values"])
+
 
 def attention_flops(fn):
     """``fn(b, h, n_q, n_k, d_k, d_v)``: FLOPs of the forward pass's two matrix products (2 per multiply-add)."""

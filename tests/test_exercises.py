@@ -236,6 +236,35 @@ def test_delta():
     assert_rejects(exercises.delta(lambda o, do, dlse: (do * o).sum(-2)), "over the queries")
 
 
+def _start_values(lse, delta, scale, block):
+    n = lse.shape[-1]
+    tiles = -(-n // block)
+    m = torch.full(lse.shape[:-1] + (tiles * block,), -1e30, dtype=lse.dtype)
+    d = torch.zeros_like(m)
+    m[..., :n] = torch.where(torch.isfinite(lse), -lse / scale, -1e30)
+    d[..., :n] = -delta
+    return torch.stack((m.unflatten(-1, (tiles, block)), d.unflatten(-1, (tiles, block))), dim=-2)
+
+
+def test_start_values():
+    assert exercises.start_values(_start_values).ok
+    assert "not attempted" in str(exercises.start_values(todo))
+    assert_rejects(exercises.start_values(lambda l, d, s, b: _start_values(l, d, 1.0, b)), "the scale is missing")
+    assert_rejects(exercises.start_values(lambda l, d, s, b: _start_values(l, d, s, b).flip(-2)), "swapped")
+    assert_rejects(exercises.start_values(lambda l, d, s, b: -_start_values(l, d, s, b)), "sign")
+
+    def infinite(lse, delta, scale, block):
+        x = _start_values(lse, delta, scale, block)
+        return torch.where(x == -1e30, float("-inf"), x)
+    assert_rejects(exercises.start_values(infinite), "infinite")
+
+    def slightly_off(lse, delta, scale, block):             # one entry off by 1e-3: the padding must not hide it
+        x = _start_values(lse, delta, scale, block)
+        x[0, 0, 0, 1] += 1e-3
+        return x
+    assert_rejects(exercises.start_values(slightly_off))
+
+
 @triton.jit
 def _dq_tile(dq, q, do, lse2, delta, k, v, qk_scale):
     p = tl.math.exp2(tl.dot(q, tl.trans(k)) * qk_scale - lse2[:, None])

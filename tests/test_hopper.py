@@ -141,3 +141,26 @@ def test_hopper_backward_dk_dv_bitwise_stable_dq_close():
     for other in runs[1:]:
         assert torch.equal(other["dk"], runs[0]["dk"]) and torch.equal(other["dv"], runs[0]["dv"])
         torch.testing.assert_close(other["dq"], runs[0]["dq"], atol=1e-2, rtol=1e-2)
+
+
+def test_preprocess_writes_the_start_values_of_the_hopper_kernel():
+    """flash_backward_preprocess with PAIRS: per query tile of 64 rows, -lse / scale then -(rowsum(dO * O) - dlse);
+    -1e30 and 0 for rows that see no key and rows past Nq (CPU: Triton's interpreter)."""
+    from attnpkg.kernels.flash_backward import flash_backward_preprocess
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    b, h, n_q, d, scale, block = 2, 3, 100, 32, 0.3, hopper.BLOCK_M
+    o, do = (torch.randn(b, h, n_q, d, device=device) for _ in range(2))
+    lse, dlse = torch.randn(b, h, n_q, device=device) * 5, torch.randn(b, h, n_q, device=device)
+    lse[0, 1, 7] = lse[1, 2, 99] = float("-inf")                 # rows that see no key
+    tiles = -(-n_q // block)
+    pairs = torch.full((b * h * tiles * 2 * block,), float("nan"), device=device)
+    flash_backward_preprocess[(tiles * b * h,)](o, do, lse, dlse, pairs, pairs, *o.stride(), *do.stride(), h, n_q,
+                                                1.0 / scale, HEAD_DIM=d, BLOCK_D=d, BLOCK_M=block, HAS_DLSE=True,
+                                                PAIRS=True, INT64=False)
+    got = pairs.view(b, h, tiles, 2, block).transpose(3, 4).reshape(b, h, tiles * block, 2)
+    want_m = torch.full((b, h, tiles * block), -1e30, device=device)
+    want_m[:, :, :n_q] = torch.where(lse == float("-inf"), -1e30, -lse / scale)
+    want_d = torch.zeros((b, h, tiles * block), device=device)
+    want_d[:, :, :n_q] = -((o * do).sum(-1) - dlse)
+    torch.testing.assert_close(got[..., 0], want_m)
+    torch.testing.assert_close(got[..., 1], want_d, atol=1e-5, rtol=1e-5)
