@@ -39,15 +39,17 @@ SMALL_CASES = [
 ]
 
 
-# The two backward passes: five products with dQ by atomic adds (switched on here: by default
-# attnpkg runs the other, which measured faster), and the deterministic seven.
+# The two portable backward passes: five products with dQ by atomic adds (switched on here: by default
+# attnpkg runs the other, which measured faster), and the deterministic seven. The Hopper kernel, which
+# deterministic=False would run on an H100/H200, is switched off here: tests/test_hopper.py tests it.
 MODES = {"fused": False, "deterministic": True}
 
 
 @pytest.fixture(autouse=True)
 def _fused_backward_on(monkeypatch):
-    from attnpkg import attention
+    from attnpkg import attention, hopper
     monkeypatch.setattr(attention, "FUSED_BACKWARD", True)
+    monkeypatch.setattr(hopper, "ENABLED", False)
 
 
 @pytest.mark.parametrize("mode", list(MODES))

@@ -148,7 +148,7 @@ SCORE_OPTIONS = [dict(softcap=2.0), dict(softcap=0.7, causal=True), dict(alibi=1
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
 def test_softcap_and_alibi_match_float64_reference(monkeypatch, case, options, mode):
     from attnpkg import attention
-    monkeypatch.setattr(attention, "FUSED_BACKWARD", True)
+    monkeypatch.setattr(attention, "FUSED_BACKWARD", True)          # (with a soft cap or ALiBi: never attnpkg.hopper)
     options = dict(options)
     causal = options.pop("causal", False)
     if "alibi" in options:
