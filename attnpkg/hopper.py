@@ -24,6 +24,7 @@ TESTED_TRITON = ("3.6.",)             # Triton versions the kernel was run and t
 TESTED_CAPABILITY = (9, 0)
 HEAD_DIMS = (128,)
 BLOCK_M, BLOCK_N, NUM_WARPS, NUM_STAGES = 64, 128, 8, 2
+LOG2E = 1.4426950408889634
 
 
 def supports(q, k, window, softcap, alibi, packed, capability, triton_version=triton.__version__) -> bool:
@@ -32,7 +33,6 @@ def supports(q, k, window, softcap, alibi, packed, capability, triton_version=tr
     ``capability`` is the GPU's ``(major, minor)``."""
     n_q, n_k = q.shape[2], k.shape[2]
     big = n_q + n_k
-    left, right = window
     return (ENABLED and capability == TESTED_CAPABILITY and triton_version.startswith(TESTED_TRITON)
             and q.shape[-1] in HEAD_DIMS and q.dtype in (torch.float16, torch.bfloat16)
             and not packed and not softcap and alibi is None and window_tested(window, big)
@@ -43,6 +43,13 @@ def window_tested(window, big) -> bool:
     """The bands the kernel was tested with: any (``WINDOWS``), or only no mask and causal."""
     left, right = window
     return WINDOWS or (left >= big and (right >= big or right == 0))
+
+
+def _dense(x):
+    """``x`` as the descriptors read it, a matrix of rows ``(B H N, d)``: contiguous, on a 16-byte boundary (a copy
+    where it is not, e.g. a slice of a larger tensor or SDPA's (B, N, H, D) layout passed transposed)."""
+    return x if x.is_contiguous() and x.data_ptr() % 16 == 0 else torch.empty(x.shape, dtype=x.dtype,
+                                                                                device=x.device).copy_(x)
 
 
 def backward(do, q, k, v, o, lse, dlse, window, scale: float):
@@ -58,7 +65,7 @@ def backward(do, q, k, v, o, lse, dlse, window, scale: float):
     kv_heads, n_k = k.shape[1], k.shape[2]
     group = heads // kv_heads
     left, right = window                          # as masks.window_bounds gives them: Nq + Nk for an open side
-    q, k, v, o, do = (x.contiguous() for x in (q, k, v, o, do))    # the descriptors view them as (rows, d)
+    q, k, v, o, do = (_dense(x) for x in (q, k, v, o, do))
     q_tiles = -(-n_q // BLOCK_M)
     # Per query tile, -lse / scale and -D (preprocessing with PAIRS): they start the S^T and dP^T accumulators.
     pairs = torch.empty(batch * heads * q_tiles * 2 * BLOCK_M, dtype=torch.float32, device=q.device)
@@ -80,7 +87,7 @@ def backward(do, q, k, v, o, lse, dlse, window, scale: float):
     pair_desc = TensorDescriptor(pairs, [pairs.numel()], [1], [2 * BLOCK_M], pair_layout)
     hopper_backward_kernel[(-(-n_k // BLOCK_N), batch * heads)](
         rows(q, BLOCK_M), rows(k, BLOCK_N), rows(v, BLOCK_N), rows(do, BLOCK_M), rows(dq_acc, BLOCK_M, gl.float32),
-        pair_desc, dk, dv, n_q, n_k, left, right, scale * 1.4426950408889634, scale,
+        pair_desc, dk, dv, n_q, n_k, left, right, scale * LOG2E, scale,
         GROUP=group, LEFT=left < n_q + n_k, RIGHT=right < n_q + n_k, OVERLAP=True, HEAD_DIM=d, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
         NUM_STAGES=NUM_STAGES, num_warps=NUM_WARPS)
     dq = dq_acc.to(q.dtype)                                           # the kernel added scale * dS K

@@ -164,3 +164,22 @@ def test_preprocess_writes_the_start_values_of_the_hopper_kernel():
     want_d[:, :, :n_q] = -((o * do).sum(-1) - dlse)
     torch.testing.assert_close(got[..., 0], want_m)
     torch.testing.assert_close(got[..., 1], want_d, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@needs_hopper
+def test_hopper_backward_takes_any_layout(monkeypatch):
+    """SDPA's (B, N, H, D) layout passed transposed, and a contiguous slice that starts off a 16-byte boundary:
+    the kernel's descriptors need aligned row matrices, so such inputs are copied first."""
+    calls = _taken(monkeypatch)
+    base = torch.randn(2 * 4 * 300 * 128 + 3, device="cuda", dtype=torch.bfloat16)
+    q = base[3:].view(2, 4, 300, 128).requires_grad_()             # contiguous, 6 bytes off alignment
+    k, v = (torch.randn(2, 300, 4, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
+            for _ in range(2))
+    assert q.is_contiguous() and q.data_ptr() % 16 and not k.is_contiguous()
+    do = torch.randn(2, 4, 300, 128, device="cuda", dtype=torch.bfloat16)
+    o, lse = attnpkg.flash_attention(q, k, v, causal=True, return_lse=True, deterministic=False)
+    o.backward(do)
+    assert calls
+    got = {"o": o, "lse": lse, "dq": q.grad, "dk": k.grad, "dv": v.grad}
+    assert_flash_accuracy(got, *(t.detach() for t in (q, k, v)), do, True)

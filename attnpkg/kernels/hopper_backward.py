@@ -77,17 +77,12 @@ Rows past Nq (and rows that see no key) get -m = -1e30, so P = 0 and dS = 0; the
 head's finite rows or TMA zeros, so they add exact zeros to dK, dV and to dQacc (TMA clips rows past the
 buffer; rows of the next head receive +0).
 """
-import math
-
-import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language._core import builtin
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_init, warpgroup_mma_wait)
 from triton._C.libtriton import ir
-
-LOG2E = 1.4426950408889634
 
 
 @builtin
