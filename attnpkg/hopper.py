@@ -4,7 +4,7 @@
 products per tile pair, every sum owned by one program, the same bits on every run) everywhere, and, where the caller
 allows a non-deterministic pass (``deterministic=False``, the default unless torch's deterministic algorithms are on),
 this one: ``kernels/hopper_backward.py``, a Gluon kernel that computes each tile's S, P, dP and dS once and adds its
-share of dQ into a float32 buffer by bulk reductions (five products). On an H200 it ran 1.20-1.30x the portable pass
+share of dQ into a float32 buffer by bulk reductions (five products). On an H200 it ran 1.2-1.3x the portable pass
 at head dim 128 (``benchmarks/NOTES.md``).
 
 It is chosen only where it was tested: a Hopper GPU (compute capability 9.0) with the Triton version it was written
