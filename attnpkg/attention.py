@@ -305,10 +305,11 @@ def backward_impl(do, q, k, v, o, lse, dlse, causal, scale: float, deterministic
 
     Two kernels: one per key tile for dK and dV, one per query tile for dQ, each recomputing S and
     dP (7 matrix products per tile pair), every sum in a fixed order. With ``deterministic=False``,
-    where :mod:`attnpkg.hopper` was tested (a Hopper GPU, its Triton version, head dim 128, dense inputs
-    without a soft cap or ALiBi), its Gluon kernel instead: 5 products per tile pair, dQ summed by float32 bulk reductions
-    whose order varies from run to run. With ``FUSED_BACKWARD`` and ``deterministic=False`` elsewhere:
-    the dK/dV kernel alone computes S, P, dP and dS once and adds its share of dQ by atomic adds."""
+    where :mod:`attnpkg.hopper` was tested (a Hopper GPU, its Triton version, head dim 128, dense
+    inputs without a soft cap or ALiBi), its Gluon kernel instead: 5 products per tile pair, dQ
+    summed by float32 bulk reductions whose order varies from run to run. With ``FUSED_BACKWARD``
+    and ``deterministic=False`` elsewhere: the dK/dV kernel alone computes S, P, dP and dS once and
+    adds its share of dQ by atomic adds."""
     mask = _as_mask(causal)
     packed = mask.cu_q is not None
     batch, n_heads, n_q, head_dim = q.shape
@@ -583,9 +584,9 @@ def flash_attention(q, k, v, *, causal=False, window_size=(-1, -1), softcap=0.0,
             guarantees it (the two-kernel pass, seven matrix products per tile pair). ``False`` allows
             a non-deterministic pass where one is faster: on Hopper GPUs (H100, H200) with the Triton
             version it was tested with, head dim 128, dense inputs with any band (no mask, causal,
-            sliding windows) but no soft cap or ALiBi, that is the five-product Gluon
-            kernel of :mod:`attnpkg.hopper` (dQ summed by float32 bulk reductions in any order: its last
-            bits vary; 1.2-1.3x the deterministic pass on an H200); elsewhere the deterministic pass.
+            sliding windows) but no soft cap or ALiBi, that is the five-product Gluon kernel of
+            :mod:`attnpkg.hopper` (dQ summed by float32 bulk reductions in any order: its last bits
+            vary; 1.2-1.3x the deterministic pass on an H200); elsewhere the deterministic pass.
 
     Returns:
         ``o`` of shape ``(B, Hq, Nq, D)`` in the dtype of ``q``, and ``lse`` if ``return_lse``.
