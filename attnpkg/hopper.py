@@ -36,7 +36,8 @@ def supports(q, k, window, softcap, alibi, packed, capability, triton_version=tr
     return (ENABLED and capability == TESTED_CAPABILITY and triton_version.startswith(TESTED_TRITON)
             and q.shape[-1] in HEAD_DIMS and q.dtype in (torch.float16, torch.bfloat16)
             and not packed and not softcap and alibi is None and window_tested(window, big)
-            and q.shape[0] * q.shape[1] * (n_q + BLOCK_M) < 2**31 and k.shape[0] * k.shape[1] * (n_k + BLOCK_N) < 2**31)
+            and q.shape[0] * q.shape[1] * (n_q + BLOCK_M) < 2**31            # the kernel's row coordinates are 32-bit
+            and k.shape[0] * k.shape[1] * (n_k + BLOCK_N) < 2**31)
 
 
 def window_tested(window, big) -> bool:
@@ -79,6 +80,7 @@ def backward(do, q, k, v, o, lse, dlse, window, scale: float):
     dv = torch.empty_like(dk)
 
     element = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
+
     def rows(x, block, dtype=element):
         matrix = x.view(-1, d)
         layout = gl.NVMMASharedLayout.get_default_for([block, d], dtype)
@@ -88,8 +90,8 @@ def backward(do, q, k, v, o, lse, dlse, window, scale: float):
     hopper_backward_kernel[(-(-n_k // BLOCK_N), batch * heads)](
         rows(q, BLOCK_M), rows(k, BLOCK_N), rows(v, BLOCK_N), rows(do, BLOCK_M), rows(dq_acc, BLOCK_M, gl.float32),
         pair_desc, dk, dv, n_q, n_k, left, right, scale * LOG2E, scale,
-        GROUP=group, LEFT=left < n_q + n_k, RIGHT=right < n_q + n_k, OVERLAP=True, HEAD_DIM=d, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-        NUM_STAGES=NUM_STAGES, num_warps=NUM_WARPS)
+        GROUP=group, LEFT=left < n_q + n_k, RIGHT=right < n_q + n_k, OVERLAP=True, HEAD_DIM=d, BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N, NUM_STAGES=NUM_STAGES, num_warps=NUM_WARPS)
     dq = dq_acc.to(q.dtype)                                           # the kernel added scale * dS K
     if group > 1:                                                     # a fixed order of summation
         dk = dk.view(batch, kv_heads, group, n_k, d).sum(2).to(q.dtype)

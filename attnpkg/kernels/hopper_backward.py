@@ -25,10 +25,10 @@ and dK need no transpose.  With m = lse2 / qk_scale:
     dQ_i = dS K_j               (M=64, N=D, K=128)                A = dS^T smem seen transposed, B = K smem
 
 -m and -delta start the two accumulators (``flash_backward_preprocess`` writes them per query tile with
-``PAIRS``, TMA brings them with Q and dO), so no per-query row vector stays in registers.  scale * dQ_i goes into a float32 buffer (B*Hq*Nq, D) by a TMA
-bulk reduction (cp.reduce.async.bulk.tensor .add = `ttng.async_tma_reduce`, which Triton 3.6 builds but
-Gluon 3.6 does not wrap: `_tma_reduce_add` below), staged through one float32 shared tile.  The host then
-casts dQacc (already scaled) to the input dtype.  The float32 adds of different key tiles land in any order:
+``PAIRS``, TMA brings them with Q and dO), so no per-query row vector stays in registers.  scale * dQ_i goes
+into a float32 buffer (B*Hq*Nq, D) by a TMA bulk reduction (cp.reduce.async.bulk.tensor .add =
+`ttng.async_tma_reduce`, which Triton 3.6 builds but Gluon 3.6 does not wrap: `_tma_reduce_add` below), staged
+through one float32 shared tile.  The host then casts dQacc (already scaled) to the input dtype.  The float32 adds of different key tiles land in any order:
 dQ is not bitwise deterministic (dK, dV are).
 
 Pipeline of one iteration (OVERLAP=True).  warpgroup_mma groups complete in issue order, per warpgroup;
