@@ -319,9 +319,11 @@ def backward_impl(do, q, k, v, o, lse, dlse, causal, scale: float, deterministic
         return dq.zero_(), dk.zero_(), dv.zero_()
     if not deterministic and q.is_cuda and not _interpreting():
         window = window_bounds(mask.window, False, n_q, n_k)
-        if hopper.supports(q, k, window, mask.softcap, mask.alibi, packed, _capability(q.device)):
+        sequences = mask.cu_q.shape[0] - 1 if packed else None
+        if hopper.supports(q, k, window, mask.softcap, mask.alibi, sequences, _capability(q.device)):
             with _on_device_of(q):
-                return hopper.backward(do, q, k, v, o, lse, dlse, window, scale)
+                return hopper.backward(do, q, k, v, o, lse, dlse, window, scale, mask.cu_q, mask.cu_k, mask.max_q,
+                                       mask.max_k)
     meta = _kernel_meta(q)
     group = n_heads // n_kv_heads
     # Grouped-query: each query head's share of dK, dV in float32, summed over the group below.
@@ -342,10 +344,10 @@ def backward_impl(do, q, k, v, o, lse, dlse, causal, scale: float, deterministic
     with _on_device_of(q):
         # Packed sequences are rows of one (1, H, total) batch here: the preprocess needs no offsets.
         launch(flash_backward_preprocess)[(_cdiv(n_q, rows) * batch * n_heads,)](
-            o, do, lse, dlse.contiguous() if dlse is not None else lse, delta, lse2,   # dlse may be a stride-0 expand
-            *o.stride(), *do.stride(), n_heads, n_q, 1.0 / scale,
+            o, do, lse, dlse.contiguous() if dlse is not None else lse, delta, lse2, lse,   # dlse: maybe an expand
+            *o.stride(), *do.stride(), n_heads, n_q, n_q, 1.0 / scale,
             HEAD_DIM=head_dim, BLOCK_D=meta["BLOCK_D"], BLOCK_M=rows, HAS_DLSE=dlse is not None, PAIRS=False,
-            INT64=wide)
+            VARLEN=False, INT64=wide)
         # dK/dV (and dQ by atomics): one program owns a tile of keys and a query head; query tiles stream past it.
         t = tiles_for("fused" if fuse else "dkdv", meta["BLOCK_D"], q.dtype, q.device, banded)
         dq_desc = _dq_descriptor(dq_acc, t, meta["BLOCK_D"]) if fuse and not packed else None

@@ -27,16 +27,19 @@ BLOCK_M, BLOCK_N, NUM_WARPS, NUM_STAGES = 64, 128, 8, 2
 LOG2E = 1.4426950408889634
 
 
-def supports(q, k, window, softcap, alibi, packed, capability, triton_version=triton.__version__) -> bool:
+def supports(q, k, window, softcap, alibi, sequences, capability, triton_version=triton.__version__) -> bool:
     """Whether the Hopper kernel serves this backward pass: the GPU, Triton, head dim, dtype and mask it was tested
     with. ``window`` is ``(left, right)`` as the kernels take them (an unbounded side is ``Nq + Nk`` or more);
-    ``capability`` is the GPU's ``(major, minor)``."""
+    ``sequences``: None for a dense ``(B, H, N, D)`` batch, else the number of packed sequences (``q``, ``k``
+    then being ``(1, H, total, D)`` views); ``capability`` is the GPU's ``(major, minor)``."""
     n_q, n_k = q.shape[2], k.shape[2]
     big = n_q + n_k
+    programs = q.shape[0] * q.shape[1] if sequences is None else sequences * q.shape[1]
     return (ENABLED and capability == TESTED_CAPABILITY and triton_version.startswith(TESTED_TRITON)
             and q.shape[-1] in HEAD_DIMS and q.dtype in (torch.float16, torch.bfloat16)
-            and not packed and not softcap and alibi is None and window_tested(window, big)
-            and q.shape[0] * q.shape[1] * (n_q + BLOCK_M) < 2**31            # the kernel's row coordinates are 32-bit
+            and not softcap and alibi is None and window_tested(window, big)
+            and programs <= 65535                                         # the grid's second axis
+            and q.shape[0] * q.shape[1] * (n_q + BLOCK_M) < 2**31         # the kernel's row coordinates are 32-bit
             and k.shape[0] * k.shape[1] * (n_k + BLOCK_N) < 2**31)
 
 
@@ -46,17 +49,19 @@ def window_tested(window, big) -> bool:
     return WINDOWS or (left >= big and (right >= big or right == 0))
 
 
-def _dense(x):
-    """``x`` as the descriptors read it, a matrix of rows ``(B H N, d)``: contiguous, on a 16-byte boundary (a copy
-    where it is not, e.g. a slice of a larger tensor or SDPA's (B, N, H, D) layout passed transposed)."""
+def _aligned(x):
+    """``x`` itself if its rows are a matrix the descriptors can read (contiguous, on a 16-byte boundary), else a
+    contiguous copy (a slice off a 16-byte boundary, SDPA's (B, N, H, D) layout passed transposed, the q of a
+    fused (total, 3, H, D) projection)."""
     return x if x.is_contiguous() and x.data_ptr() % 16 == 0 else torch.empty(x.shape, dtype=x.dtype,
                                                                                 device=x.device).copy_(x)
 
 
-def backward(do, q, k, v, o, lse, dlse, window, scale: float):
+def backward(do, q, k, v, o, lse, dlse, window, scale: float, cu_q=None, cu_k=None, max_q=0, max_k=0):
     """``(dq, dk, dv)`` by the Hopper kernel; the inputs must pass :func:`supports`. ``window``: ``(left, right)`` as
-    the kernels take them. dQ's float32 sums arrive in any order, so its last bits can change from run to run (dK
-    and dV are deterministic)."""
+    the kernels take them. Dense: ``(B, H, N, D)`` tensors. Packed sequences (``cu_q`` given): ``(1, H, total,
+    D)`` views of ``(total, H, D)`` tensors, the gradients returned the same way. dQ's float32 sums arrive in any
+    order, so its last bits can change from run to run (dK and dV are deterministic)."""
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
@@ -65,35 +70,52 @@ def backward(do, q, k, v, o, lse, dlse, window, scale: float):
     batch, heads, n_q, d = q.shape
     kv_heads, n_k = k.shape[1], k.shape[2]
     group = heads // kv_heads
+    packed = cu_q is not None
     left, right = window                          # as masks.window_bounds gives them: Nq + Nk for an open side
-    q, k, v, o, do = (_dense(x) for x in (q, k, v, o, do))
-    q_tiles = -(-n_q // BLOCK_M)
+    # The rows the descriptors read, contiguous: dense (B, H, N, D) seen as (B H N, D), a head's rows after the
+    # previous head's; packed (total, H, D) seen as (total, H D), the heads of a token side by side.
+    if packed:
+        q, k, v, o, do = (_aligned(x[0].transpose(0, 1)) for x in (q, k, v, o, do))
+        batch, grid_q, grid_k = cu_q.shape[0] - 1, max_q, max_k
+        o_strides, do_strides = (0, o.stride(1), o.stride(0), 1), (0, do.stride(1), do.stride(0), 1)
+    else:
+        q, k, v, o, do = (_aligned(x) for x in (q, k, v, o, do))
+        grid_q, grid_k = n_q, n_k
+        o_strides, do_strides = o.stride(), do.stride()
+    pair_tiles = -(-grid_q // BLOCK_M)
     # Per query tile, -lse / scale and -D (preprocessing with PAIRS): they start the S^T and dP^T accumulators.
-    pairs = torch.empty(batch * heads * q_tiles * 2 * BLOCK_M, dtype=torch.float32, device=q.device)
-    launch(flash_backward_preprocess)[(q_tiles * batch * heads,)](
-        o, do, lse, dlse.contiguous() if dlse is not None else lse, pairs, pairs, *o.stride(), *do.stride(),
-        heads, n_q, 1.0 / scale, HEAD_DIM=d, BLOCK_D=d, BLOCK_M=BLOCK_M, HAS_DLSE=dlse is not None, PAIRS=True,
-        INT64=(n_q + 256) * d >= 2**31)
-    dq_acc = torch.zeros((batch, heads, n_q, d), dtype=torch.float32, device=q.device)
-    partial = torch.float32 if group > 1 else q.dtype             # grouped-query: per-query-head shares of dK, dV
-    dk = torch.empty((batch, heads, n_k, d), dtype=partial, device=q.device)
-    dv = torch.empty_like(dk)
+    pairs = torch.empty(batch * heads * pair_tiles * 2 * BLOCK_M, dtype=torch.float32, device=q.device)
+    launch(flash_backward_preprocess)[(pair_tiles * batch * heads,)](
+        o, do, lse, dlse.contiguous() if dlse is not None else lse, pairs, pairs, cu_q if packed else lse,
+        *o_strides, *do_strides, heads, grid_q, n_q, 1.0 / scale, HEAD_DIM=d, BLOCK_D=d, BLOCK_M=BLOCK_M,
+        HAS_DLSE=dlse is not None, PAIRS=True, VARLEN=packed, INT64=(n_q + 256) * o_strides[2] >= 2**31)
+    # dQ's float32 sums, and dK, dV: per query head in float32 under grouped-query attention (summed below).
+    partial = torch.float32 if group > 1 else q.dtype
+    if packed:
+        dq_acc = torch.zeros((n_q, heads, d), dtype=torch.float32, device=q.device)
+        dk, dv = (torch.empty((n_k, heads, d), dtype=partial, device=q.device) for _ in range(2))
+    else:
+        dq_acc = torch.zeros((batch, heads, n_q, d), dtype=torch.float32, device=q.device)
+        dk, dv = (torch.empty((batch, heads, n_k, d), dtype=partial, device=q.device) for _ in range(2))
 
     element = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
 
     def rows(x, block, dtype=element):
-        matrix = x.view(-1, d)
+        matrix = x.view(x.shape[0], -1) if packed else x.view(-1, d)
         layout = gl.NVMMASharedLayout.get_default_for([block, d], dtype)
         return TensorDescriptor(matrix, list(matrix.shape), list(matrix.stride()), [block, d], layout)
     pair_layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=1)
     pair_desc = TensorDescriptor(pairs, [pairs.numel()], [1], [2 * BLOCK_M], pair_layout)
-    hopper_backward_kernel[(-(-n_k // BLOCK_N), batch * heads)](
+    hopper_backward_kernel[(-(-grid_k // BLOCK_N), batch * heads)](
         rows(q, BLOCK_M), rows(k, BLOCK_N), rows(v, BLOCK_N), rows(do, BLOCK_M), rows(dq_acc, BLOCK_M, gl.float32),
-        pair_desc, dk, dv, n_q, n_k, left, right, scale * LOG2E, scale,
-        GROUP=group, LEFT=left < n_q + n_k, RIGHT=right < n_q + n_k, OVERLAP=True, HEAD_DIM=d, BLOCK_M=BLOCK_M,
-        BLOCK_N=BLOCK_N, NUM_STAGES=NUM_STAGES, num_warps=NUM_WARPS)
+        pair_desc, dk, dv, cu_q if packed else pairs, cu_k if packed else pairs, grid_q, grid_k, heads, pair_tiles,
+        left, right, scale * LOG2E, scale,
+        GROUP=group, VARLEN=packed, LEFT=left < n_q + n_k, RIGHT=right < n_q + n_k, OVERLAP=True, HEAD_DIM=d,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, NUM_STAGES=NUM_STAGES, num_warps=NUM_WARPS)
     dq = dq_acc.to(q.dtype)                                           # the kernel added scale * dS K
     if group > 1:                                                     # a fixed order of summation
-        dk = dk.view(batch, kv_heads, group, n_k, d).sum(2).to(q.dtype)
-        dv = dv.view(batch, kv_heads, group, n_k, d).sum(2).to(q.dtype)
+        shape = (n_k, kv_heads, group, d) if packed else (batch, kv_heads, group, n_k, d)
+        dk, dv = (x.view(shape).sum(2).to(q.dtype) for x in (dk, dv))
+    if packed:                                                        # back to (1, H, total, D) views
+        dq, dk, dv = (x.transpose(0, 1)[None] for x in (dq, dk, dv))
     return dq, dk, dv

@@ -23,7 +23,10 @@ def qk(d=128, dtype=torch.bfloat16, n_q=256, n_k=256):
     (dict(window=("big", 0), windows=False), True),
     (dict(softcap=30.0), False),
     (dict(alibi=torch.ones(2, 4)), False),
-    (dict(packed=True), False),
+    (dict(sequences=3), True),                           # packed sequences
+    (dict(sequences=3, window=(100, 0)), True),
+    (dict(sequences=16383), True),                       # 16383 sequences x 4 heads = 65532 programs
+    (dict(sequences=16384), False),                      # 65536: past the grid's second axis (65535)
     (dict(d=64), False),                                 # measured no faster there
     (dict(dtype=torch.float32), False),
     (dict(capability=(8, 0)), False),                    # A100
@@ -35,7 +38,7 @@ def test_hopper_kernel_is_chosen_only_where_it_was_tested(monkeypatch, change, c
     q, k = qk(change.pop("d", 128), change.pop("dtype", torch.bfloat16))
     big = q.shape[2] + k.shape[2]
     window = tuple(big if w == "big" else w for w in change.pop("window", ("big", "big")))
-    args = dict(window=window, softcap=0.0, alibi=None, packed=False, **TESTED)
+    args = dict(window=window, softcap=0.0, alibi=None, sequences=None, **TESTED)
     args.update(change)
     assert hopper.supports(q, k, **args) is chosen
 
@@ -44,7 +47,7 @@ def test_hopper_kernel_can_be_switched_off(monkeypatch):
     q, k = qk()
     big = q.shape[2] + k.shape[2]
     monkeypatch.setattr(hopper, "ENABLED", False)
-    assert not hopper.supports(q, k, (big, big), 0.0, None, False, **TESTED)
+    assert not hopper.supports(q, k, (big, big), 0.0, None, None, **TESTED)
 
 
 def _taken(monkeypatch):
@@ -60,7 +63,7 @@ def _hopper_here():
         return False
     capability = attention._capability(torch.device("cuda"))
     big = 10**9
-    return hopper.supports(*(t.cuda() for t in qk()), (big, big), 0.0, None, False, capability)
+    return hopper.supports(*(t.cuda() for t in qk()), (big, big), 0.0, None, None, capability)
 
 
 needs_hopper = pytest.mark.skipif(not _hopper_here(), reason="needs the GPU and Triton attnpkg.hopper was tested with")
@@ -154,9 +157,9 @@ def test_preprocess_writes_the_start_values_of_the_hopper_kernel():
     lse[0, 1, 7] = lse[1, 2, 99] = float("-inf")                 # rows that see no key
     tiles = -(-n_q // block)
     pairs = torch.full((b * h * tiles * 2 * block,), float("nan"), device=device)
-    flash_backward_preprocess[(tiles * b * h,)](o, do, lse, dlse, pairs, pairs, *o.stride(), *do.stride(), h, n_q,
-                                                1.0 / scale, HEAD_DIM=d, BLOCK_D=d, BLOCK_M=block, HAS_DLSE=True,
-                                                PAIRS=True, INT64=False)
+    flash_backward_preprocess[(tiles * b * h,)](o, do, lse, dlse, pairs, pairs, lse, *o.stride(), *do.stride(), h,
+                                                n_q, n_q, 1.0 / scale, HEAD_DIM=d, BLOCK_D=d, BLOCK_M=block,
+                                                HAS_DLSE=True, PAIRS=True, VARLEN=False, INT64=False)
     got = pairs.view(b, h, tiles, 2, block).transpose(3, 4).reshape(b, h, tiles * block, 2)
     want_m = torch.full((b, h, tiles * block), -1e30, device=device)
     want_m[:, :, :n_q] = torch.where(lse == float("-inf"), -1e30, -lse / scale)
@@ -164,6 +167,31 @@ def test_preprocess_writes_the_start_values_of_the_hopper_kernel():
     want_d[:, :, :n_q] = -((o * do).sum(-1) - dlse)
     torch.testing.assert_close(got[..., 0], want_m)
     torch.testing.assert_close(got[..., 1], want_d, atol=1e-5, rtol=1e-5)
+
+
+def test_preprocess_pairs_follow_each_packed_sequence():
+    """Packed sequences (VARLEN): each sequence's query tiles start at its own first row, so the pairs of
+    sequence b, head h, tile t are rows cu[b] + 64 t ... of the (1, H, total) lse, padded past the sequence."""
+    from attnpkg.kernels.flash_backward import flash_backward_preprocess
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    lengths, h, d, scale, block = [70, 0, 1, 130], 2, 16, 0.5, hopper.BLOCK_M
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32, device=device)
+    total, longest = sum(lengths), max(lengths)
+    o, do = (torch.randn(total, h, d, device=device) for _ in range(2))
+    lse, dlse = torch.randn(1, h, total, device=device) * 5, torch.randn(1, h, total, device=device)
+    tiles = -(-longest // block)
+    pairs = torch.full((len(lengths) * h * tiles * 2 * block,), float("nan"), device=device)
+    strides = lambda x: (0, x.stride(1), x.stride(0), 1)              # (1, H, total, D) views, batch stride 0
+    flash_backward_preprocess[(tiles * len(lengths) * h,)](
+        o, do, lse, dlse, pairs, pairs, cu, *strides(o), *strides(do), h, longest, total, 1.0 / scale,
+        HEAD_DIM=d, BLOCK_D=d, BLOCK_M=block, HAS_DLSE=True, PAIRS=True, VARLEN=True, INT64=False)
+    got = pairs.view(len(lengths), h, tiles, 2, block).transpose(3, 4).reshape(len(lengths), h, tiles * block, 2)
+    delta = (o * do).sum(-1).T[None] - dlse                           # (1, H, total)
+    for b, n in enumerate(lengths):
+        rows = slice(int(cu[b]), int(cu[b]) + n)
+        torch.testing.assert_close(got[b, :, :n, 0], -lse[0, :, rows] / scale)
+        torch.testing.assert_close(got[b, :, :n, 1], -delta[0, :, rows], atol=1e-5, rtol=1e-5)
+        assert (got[b, :, n:, 0] == -1e30).all() and (got[b, :, n:, 1] == 0).all()
 
 
 @pytest.mark.gpu
@@ -183,3 +211,48 @@ def test_hopper_backward_takes_any_layout(monkeypatch):
     assert calls
     got = {"o": o, "lse": lse, "dq": q.grad, "dk": k.grad, "dv": v.grad}
     assert_flash_accuracy(got, *(t.detach() for t in (q, k, v)), do, True)
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("options", [dict(), dict(causal=True), dict(causal=True, window_size=(300, 0)),
+                                     dict(window_size=(37, 5))], ids=lambda o: str(sorted(o.items())))
+@pytest.mark.parametrize("hq,hkv", [(4, 4), (8, 2), (4, 1)])
+@pytest.mark.parametrize("extra_keys", [0, 100])
+def test_hopper_backward_packed_sequences(monkeypatch, dtype, options, hq, hkv, extra_keys):
+    """Packed sequences (flash_attention_varlen): ragged lengths, sequences of one token and empty ones, Nq < Nk per
+    sequence; every tile reads across into the next sequence's rows, which must add nothing."""
+    from test_varlen import packed, run_varlen
+    from attnpkg import reference
+    calls = _taken(monkeypatch)
+    lengths = [1000, 1, 0, 129, 2048, 64, 777, 0]
+    q, k, v, do, cu_q, cu_k, max_q, max_k = packed(lengths, [n + extra_keys if n else 0 for n in lengths], hq, hkv,
+                                                   128, dtype)
+    got = run_varlen(q, k, v, do, cu_q, cu_k, max_q, max_k, deterministic=False, **options)
+    assert calls, "the Hopper kernel did not run"
+    options = dict(options)
+    causal = options.pop("causal", False)
+    assert_flash_accuracy(got, q, k, v, do, causal, fn=reference.attention_varlen, cu_seqlens_q=cu_q,
+                          cu_seqlens_k=cu_k, **options)
+
+
+@pytest.mark.gpu
+@needs_hopper
+def test_hopper_backward_packed_from_a_fused_projection(monkeypatch):
+    """q, k, v as slices of one (total, 3, H, D) projection (rows 3 H D apart): copied to the layout the
+    descriptors read; the gradients equal those of contiguous copies."""
+    calls = _taken(monkeypatch)
+    lengths = torch.tensor([300, 0, 513, 64])
+    cu = torch.tensor([0] + lengths.cumsum(0).tolist(), dtype=torch.int32, device="cuda")
+    qkv = torch.randn(int(lengths.sum()), 3, 8, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    do = torch.randn(int(lengths.sum()), 8, 128, device="cuda", dtype=torch.bfloat16)
+    o = attnpkg.flash_attention_varlen(*qkv.unbind(1), cu, cu, 513, 513, causal=True, deterministic=False)
+    (grad,) = torch.autograd.grad(o, qkv, do)
+    assert calls
+    parts = [t.detach().contiguous().requires_grad_() for t in qkv.unbind(1)]
+    o2 = attnpkg.flash_attention_varlen(*parts, cu, cu, 513, 513, causal=True, deterministic=False)
+    want = torch.autograd.grad(o2, parts, do)
+    torch.testing.assert_close(o, o2, atol=0, rtol=0)
+    for i in range(3):
+        torch.testing.assert_close(grad[:, i], want[i], atol=1e-2, rtol=1e-2)

@@ -29,29 +29,41 @@ LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
-def flash_backward_preprocess(O, DO, LSE, DLSE, DELTA, LSE2,
+def flash_backward_preprocess(O, DO, LSE, DLSE, DELTA, LSE2, CU_Q,
                               stride_ob, stride_oh, stride_om, stride_od,
                               stride_dob, stride_doh, stride_dom, stride_dod,
-                              n_heads, n_q, inv_scale,
+                              n_heads, n_q, lse_rows, inv_scale,
                               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                              HAS_DLSE: tl.constexpr, PAIRS: tl.constexpr, INT64: tl.constexpr):
+                              HAS_DLSE: tl.constexpr, PAIRS: tl.constexpr, VARLEN: tl.constexpr,
+                              INT64: tl.constexpr):
     """D = rowsum(dO * O) - dlse, and lse in base 2 with +inf for rows that see no key (so P = 0 there).
 
     With PAIRS (the input of the Hopper kernel, ``hopper_backward.py``): for each query tile of BLOCK_M rows,
     BLOCK_M values -lse / scale then BLOCK_M values -D, into DELTA (LSE2 is not written); rows past n_q and
-    rows that see no key get -1e30 and 0, finite numbers that give P = 0 and dS = 0."""
+    rows that see no key get -1e30 and 0, finite numbers that give P = 0 and dS = 0.
+
+    ``lse_rows``: the rows of one head of LSE. VARLEN (packed sequences, PAIRS only): the grid's batch axis
+    indexes sequences and n_q is the longest; sequence b's tiles start at its own first row ``CU_Q[b]`` (of the
+    ``(1, H, total)`` lse, ``lse_rows = total``, and of O, dO with ``stride_ob = 0``), so that the pairs
+    follow the Hopper kernel's query tiles."""
     start_m, off_bh = tile_and_head(n_q, BLOCK_M, False)
-    offs_m = start_m + wide_arange(BLOCK_M, INT64)
+    pair = (off_bh.to(tl.int64) * tl.cdiv(n_q, BLOCK_M) + start_m // BLOCK_M) * (2 * BLOCK_M)
     off_b = (off_bh // n_heads).to(tl.int64)
     off_h = (off_bh % n_heads).to(tl.int64)
+    q0, n_q, _, _ = sequence_bounds(off_b, n_q, n_q, CU_Q, CU_Q, VARLEN)
+    offs_m = start_m + wide_arange(BLOCK_M, INT64)
     offs_d = wide_arange(BLOCK_D, INT64)
     ok = (offs_m[:, None] < n_q) & (offs_d[None, :] < HEAD_DIM)
-    o = tl.load(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+    rows_o = q0 + offs_m
+    o = tl.load(O + off_b * stride_ob + off_h * stride_oh + rows_o[:, None] * stride_om + offs_d[None, :] * stride_od,
                 mask=ok, other=0.0).to(tl.float32)
-    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + offs_m[:, None] * stride_dom + offs_d[None, :] * stride_dod,
+    do = tl.load(DO + off_b * stride_dob + off_h * stride_doh + rows_o[:, None] * stride_dom + offs_d[None, :] * stride_dod,
                  mask=ok, other=0.0).to(tl.float32)
     delta = tl.sum(o * do, 1)
-    row = off_bh.to(tl.int64) * n_q + offs_m
+    if VARLEN:
+        row = off_h * lse_rows + rows_o
+    else:
+        row = off_bh.to(tl.int64) * lse_rows + offs_m
     lse = tl.load(LSE + row, mask=offs_m < n_q, other=0.0)
     if HAS_DLSE:
         # d lse_i / d S_ij = P_ij: a gradient flowing into lse adds P * dlse to dS, i.e. lowers D by dlse.
@@ -59,7 +71,6 @@ def flash_backward_preprocess(O, DO, LSE, DLSE, DELTA, LSE2,
     if PAIRS:
         seen = (offs_m < n_q) & (lse != float("-inf"))
         neg_m = tl.where(seen, tl.minimum(tl.maximum(-lse * inv_scale, -1e30), 1e30), -1e30)
-        pair = (off_bh.to(tl.int64) * tl.cdiv(n_q, BLOCK_M) + start_m // BLOCK_M) * (2 * BLOCK_M)
         tl.store(DELTA + pair + tl.arange(0, BLOCK_M), neg_m)
         tl.store(DELTA + pair + BLOCK_M + tl.arange(0, BLOCK_M), tl.where(offs_m < n_q, -delta, 0.0))
     else:

@@ -111,15 +111,16 @@ def _expect_tile(ready_q, ready_do, ready_l, stage, QBYTES: gl.constexpr, LBYTES
 
 @gluon.jit
 def _copy_tile(q_desc, do_desc, ld_desc, q_ring, do_ring, ld_ring, ready_q, ready_do, ready_l, stage,
-               row, l_row, pred):
-    """Q, dO rows [row, row + BLOCK_M) and the (-m, -delta) pair of the tile (2 * BLOCK_M floats at l_row)."""
-    tma.async_copy_global_to_shared(q_desc, [row, 0], ready_q.index(stage), q_ring.index(stage), pred=pred)
-    tma.async_copy_global_to_shared(do_desc, [row, 0], ready_do.index(stage), do_ring.index(stage), pred=pred)
+               row, col, l_row, pred):
+    """Q, dO rows [row, row + BLOCK_M) at column col, and the (-m, -delta) pair of the tile (2 * BLOCK_M floats
+    at l_row)."""
+    tma.async_copy_global_to_shared(q_desc, [row, col], ready_q.index(stage), q_ring.index(stage), pred=pred)
+    tma.async_copy_global_to_shared(do_desc, [row, col], ready_do.index(stage), do_ring.index(stage), pred=pred)
     tma.async_copy_global_to_shared(ld_desc, [l_row], ready_l.index(stage), ld_ring.index(stage), pred=pred)
 
 
 @gluon.jit
-def _query_tiles(lo, hi, dk, dv, start_n, q_row0, l_row0, q_lo, n_q, n_k, left, right, n_total, qk_scale, scale,
+def _query_tiles(lo, hi, dk, dv, start_n, q_row0, q_col, l_row0, q_lo, n_q, n_k, left, right, n_total, qk_scale, scale,
                  q_desc, do_desc, dq_desc, ld_desc, kv_bufs, q_ring, do_ring, ld_ring,
                  p_bufs, ds_bufs, dq_s, ready_q, ready_do, ready_l,
                  MASKED: gl.constexpr, LEFT: gl.constexpr, RIGHT: gl.constexpr, OVERLAP: gl.constexpr,
@@ -207,7 +208,7 @@ def _query_tiles(lo, hi, dk, dv, start_n, q_row0, l_row0, q_lo, n_q, n_k, left, 
         fence_async_shared()
         gl.thread_barrier()                                          # (B)
         _copy_tile(q_desc, do_desc, ld_desc, q_ring, do_ring, ld_ring, ready_q, ready_do, ready_l, ns,
-                   q_row0 + q_lo + nxt * BLOCK_M, l_row0 + (q_lo + nxt * BLOCK_M) * 2, have)
+                   q_row0 + q_lo + nxt * BLOCK_M, q_col, l_row0 + (q_lo + nxt * BLOCK_M) * 2, have)
 
         # dQ_i = dS K_j: A = dS (64 x 128) as the transposed view of the dS^T tile in shared memory.
         dq = warpgroup_mma(ds_s.permute((1, 0)), k_s, zero_dq, use_acc=False, is_async=OVERLAP)
@@ -219,31 +220,51 @@ def _query_tiles(lo, hi, dk, dv, start_n, q_row0, l_row0, q_lo, n_q, n_k, left, 
         dq_s.store(dq * scale)                                      # dQ = scale dS K
         fence_async_shared()
         gl.thread_barrier()                                          # (D)
-        _tma_reduce_add(dq_desc, [q_row0 + start_m, 0], dq_s)
+        _tma_reduce_add(dq_desc, [q_row0 + start_m, q_col], dq_s)
     return dk, dv
 
 
 @gluon.jit
-def hopper_backward_kernel(q_desc, k_desc, v_desc, do_desc, dq_desc, ld_desc, DK, DV,
-                           n_q, n_k, left, right, qk_scale, scale,
-                           GROUP: gl.constexpr, LEFT: gl.constexpr, RIGHT: gl.constexpr, OVERLAP: gl.constexpr,
-                           HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                           NUM_STAGES: gl.constexpr, num_warps: gl.constexpr):
-    """Grid (cdiv(Nk, BLOCK_N), B * Hq).  q/do/dq descriptors: (B*Hq*Nq, D) rows, blocks [BLOCK_M, D];
-    k/v: (B*Hkv*Nk, D) rows, blocks [BLOCK_N, D]; ld: float32 (B*Hq*q_tiles*2*BLOCK_M,), per query tile
-    BLOCK_M values -m = -lse2 / qk_scale then BLOCK_M values -delta (-1e30 and 0 past Nq), blocks
-    [2 * BLOCK_M].  DK, DV: (B, Hq, Nk, D), input dtype when GROUP == 1, else float32 partials that the
-    host sums over each group."""
+def hopper_backward_kernel(q_desc, k_desc, v_desc, do_desc, dq_desc, ld_desc, DK, DV, CU_Q, CU_K,
+                           n_q, n_k, n_heads, pair_tiles, left, right, qk_scale, scale,
+                           GROUP: gl.constexpr, VARLEN: gl.constexpr, LEFT: gl.constexpr, RIGHT: gl.constexpr,
+                           OVERLAP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
+                           BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, num_warps: gl.constexpr):
+    """Grid (cdiv(Nk, BLOCK_N), B * Hq).  Dense (head-major): q/do/dq descriptors are (B*Hq*Nq, D) rows, blocks
+    [BLOCK_M, D]; k/v (B*Hkv*Nk, D) rows, blocks [BLOCK_N, D]; a head starts at row (b H + h) N, column 0.
+    VARLEN (packed sequences, token-major): q/do/dq are (total_q, Hq*D), k/v (total_k, Hkv*D), the heads of
+    a token side by side; sequence b's head h starts at row cu[b], column h D, and n_q, n_k (the longest
+    sequences) give way to its own lengths.  ld: float32 (B*Hq*pair_tiles*2*BLOCK_M,), per query tile
+    BLOCK_M values -m = -lse2 / qk_scale then BLOCK_M values -delta (-1e30 and 0 past the sequence), blocks
+    [2 * BLOCK_M].  DK, DV: (B, Hq, Nk, D), or (total_k, Hq, D) packed, in the input dtype when GROUP == 1,
+    else float32 partials that the host sums over each group."""
     gl.static_assert(num_warps == 8, "two warpgroups of 64 keys each")
     gl.static_assert(BLOCK_N == 16 * num_warps)
     dtype: gl.constexpr = q_desc.dtype
     pid_n = gl.program_id(0)
     bh = gl.program_id(1)
     start_n = pid_n * BLOCK_N
+    l_row0 = bh * pair_tiles * (2 * BLOCK_M)
+    if VARLEN:      # sequence b = bh // n_heads, query head h = bh % n_heads
+        seq = bh // n_heads
+        head = bh % n_heads
+        q_row0 = gl.load(CU_Q + seq)
+        k_row0 = gl.load(CU_K + seq)
+        n_q = gl.load(CU_Q + seq + 1) - q_row0
+        n_k = gl.load(CU_K + seq + 1) - k_row0
+        q_col = head * HEAD_DIM
+        kv_row = k_row0 + start_n
+        kv_col = (head // GROUP) * HEAD_DIM
+        dk_base = (k_row0.to(gl.int64) + start_n) * (n_heads * HEAD_DIM) + head * HEAD_DIM
+        dk_stride = n_heads * HEAD_DIM
+    else:
+        q_row0 = bh * n_q
+        q_col = 0
+        kv_row = (bh // GROUP) * n_k + start_n
+        kv_col = 0
+        dk_base = (bh.to(gl.int64) * n_k + start_n) * HEAD_DIM
+        dk_stride = HEAD_DIM
     q_tiles = gl.cdiv(n_q, BLOCK_M)
-    q_row0 = bh * n_q
-    l_row0 = bh * q_tiles * (2 * BLOCK_M)
-    kv_row = (bh // GROUP) * n_k + start_n
 
     # Query tiles that see this key tile, [first, last), in tile units: masked [first, full_first), full
     # [full_first, full_end), masked [full_end, last). Query i sees key j iff j - diag - right <= i <= j - diag + left.
@@ -261,6 +282,8 @@ def hopper_backward_kernel(q_desc, k_desc, v_desc, do_desc, dq_desc, ld_desc, DK
         last = gl.cdiv(gl.maximum(gl.minimum(last_key - diag + left + 1, n_q), 0), BLOCK_M)
         blind = start_n - diag + left + 1
         full_end = gl.where(blind >= n_q, q_tiles, gl.maximum(blind, 0) // BLOCK_M)
+    if VARLEN:      # a key tile past this sequence's keys (the grid spans the longest): no query tile
+        last = gl.where(start_n < n_k, last, first)
     last = gl.maximum(last, first)
     full_first = gl.minimum(gl.maximum(full_first, first), last)
     full_end = gl.minimum(gl.maximum(full_end, full_first), last)
@@ -292,14 +315,14 @@ def hopper_backward_kernel(q_desc, k_desc, v_desc, do_desc, dq_desc, ld_desc, DK
     fence_async_shared()
 
     mbarrier.expect(kv_bar, 2 * BLOCK_N * HEAD_DIM * (dtype.primitive_bitwidth // 8))
-    tma.async_copy_global_to_shared(k_desc, [kv_row, 0], kv_bar, kv_bufs.index(0))
-    tma.async_copy_global_to_shared(v_desc, [kv_row, 0], kv_bar, kv_bufs.index(1))
+    tma.async_copy_global_to_shared(k_desc, [kv_row, kv_col], kv_bar, kv_bufs.index(0))
+    tma.async_copy_global_to_shared(v_desc, [kv_row, kv_col], kv_bar, kv_bufs.index(1))
     QBYTES: gl.constexpr = BLOCK_M * HEAD_DIM * (dtype.primitive_bitwidth // 8)
     LBYTES: gl.constexpr = 2 * BLOCK_M * 4
     for i in gl.static_range(NUM_STAGES - 1):          # prologue: tiles 0 .. NUM_STAGES-2
         _expect_tile(ready_q, ready_do, ready_l, i, QBYTES, LBYTES, i < n_total)
         _copy_tile(q_desc, do_desc, ld_desc, q_ring, do_ring, ld_ring, ready_q, ready_do, ready_l, i,
-                   q_row0 + q_lo + i * BLOCK_M, l_row0 + (q_lo + i * BLOCK_M) * 2, i < n_total)
+                   q_row0 + q_lo + i * BLOCK_M, q_col, l_row0 + (q_lo + i * BLOCK_M) * 2, i < n_total)
 
     kv_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
                                                         instr_shape=[16, HEAD_DIM, 16])
@@ -309,16 +332,16 @@ def hopper_backward_kernel(q_desc, k_desc, v_desc, do_desc, dq_desc, ld_desc, DK
         dk = warpgroup_mma_init(dk)      # dK stays in flight across iterations; dV is waited inside one
     mbarrier.wait(kv_bar, 0)
 
-    dk, dv = _query_tiles(0, n_masked, dk, dv, start_n, q_row0, l_row0, q_lo, n_q, n_k, left, right, n_total,
+    dk, dv = _query_tiles(0, n_masked, dk, dv, start_n, q_row0, q_col, l_row0, q_lo, n_q, n_k, left, right, n_total,
                           qk_scale, scale, q_desc, do_desc, dq_desc, ld_desc, kv_bufs, q_ring, do_ring, ld_ring,
                           p_bufs, ds_bufs, dq_s, ready_q, ready_do, ready_l,
                           True, LEFT, RIGHT, OVERLAP, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES, num_warps)
-    dk, dv = _query_tiles(n_masked, n_full, dk, dv, start_n, q_row0, l_row0, q_lo, n_q, n_k, left, right, n_total,
+    dk, dv = _query_tiles(n_masked, n_full, dk, dv, start_n, q_row0, q_col, l_row0, q_lo, n_q, n_k, left, right, n_total,
                           qk_scale, scale, q_desc, do_desc, dq_desc, ld_desc, kv_bufs, q_ring, do_ring, ld_ring,
                           p_bufs, ds_bufs, dq_s, ready_q, ready_do, ready_l,
                           False, LEFT, RIGHT, OVERLAP, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES, num_warps)
     if LEFT:        # without a left edge full_end = last: no masked run after the full one
-        dk, dv = _query_tiles(n_full, n_total, dk, dv, start_n, q_row0, l_row0, q_lo, n_q, n_k, left, right, n_total,
+        dk, dv = _query_tiles(n_full, n_total, dk, dv, start_n, q_row0, q_col, l_row0, q_lo, n_q, n_k, left, right, n_total,
                               qk_scale, scale, q_desc, do_desc, dq_desc, ld_desc, kv_bufs, q_ring, do_ring, ld_ring,
                               p_bufs, ds_bufs, dq_s, ready_q, ready_do, ready_l,
                               True, LEFT, RIGHT, OVERLAP, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES, num_warps)
@@ -331,10 +354,10 @@ def hopper_backward_kernel(q_desc, k_desc, v_desc, do_desc, dq_desc, ld_desc, DK
         mbarrier.invalidate(ready_l.index(i))
     mbarrier.invalidate(kv_bar)
 
-    # dK = scale * dK, dV: pointer stores of the rows below Nk.
-    rows = start_n + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, kv_layout))
+    # dK = scale * dK, dV: pointer stores of the rows below Nk (zeros for keys that no query sees).
+    rows = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, kv_layout))
     cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, kv_layout))
-    offs = (bh.to(gl.int64) * n_k + rows[:, None]) * HEAD_DIM + cols[None, :]
-    ok = (rows[:, None] < n_k) & (cols[None, :] < HEAD_DIM)
+    offs = dk_base + rows[:, None] * dk_stride + cols[None, :]
+    ok = (start_n + rows[:, None] < n_k) & (cols[None, :] < HEAD_DIM)
     gl.store(DK + offs, (dk * scale).to(DK.dtype.element_ty), mask=ok)
     gl.store(DV + offs, dv.to(DV.dtype.element_ty), mask=ok)
