@@ -85,20 +85,17 @@ def _attend_to_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, k_d
 @triton.jit
 def _attend_masked(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, k_desc, v_desc, k_row, k_col, v_row,
                    v_col, offs_m, offs_n, offs_d, start, stop, inside, n_k, diag, qk_scale, left, right, cap2, slope2,
-                   SPLIT: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, HEAD_DIM: tl.constexpr,
-                   BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-                   USE_TMA: tl.constexpr):
-    """A masked run [start, stop) (``start`` a multiple of BLOCK_N). With SPLIT, the tiles below ``inside``, which
-    do not cross the last key, run apart from the rest, which may."""
-    if SPLIT:
-        split = tl.maximum(tl.minimum(stop, inside), start)
-        acc, m_i, l_i = _attend_to_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, k_desc, v_desc,
-                                         k_row, k_col, v_row, v_col, offs_m, offs_n, offs_d, start, split, n_k, diag,
-                                         qk_scale, left, right, cap2, slope2, True, False, SOFTCAP, ALIBI,
-                                         HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, PRECISION, False, USE_TMA)
-        start = split
+                   SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
+    """A masked run [start, stop) (``start`` a multiple of BLOCK_N): the tiles below ``inside`` do not cross the
+    last key, the rest may."""
+    split = tl.maximum(tl.minimum(stop, inside), start)
+    acc, m_i, l_i = _attend_to_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, k_desc, v_desc,
+                                     k_row, k_col, v_row, v_col, offs_m, offs_n, offs_d, start, split, n_k, diag,
+                                     qk_scale, left, right, cap2, slope2, True, False, SOFTCAP, ALIBI,
+                                     HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, PRECISION, False, USE_TMA)
     return _attend_to_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, k_desc, v_desc,
-                            k_row, k_col, v_row, v_col, offs_m, offs_n, offs_d, start, stop, n_k, diag,
+                            k_row, k_col, v_row, v_col, offs_m, offs_n, offs_d, split, stop, n_k, diag,
                             qk_scale, left, right, cap2, slope2, True, True, SOFTCAP, ALIBI,
                             HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, PRECISION, False, USE_TMA)
 
@@ -163,14 +160,11 @@ def flash_forward_kernel(Q, K, V, O, LSE, K_DESC, V_DESC, CU_Q, CU_K, SLOPES,
     diag = n_k - n_q
     start, full_start, full_end, stop = key_tiles(start_m, n_q, n_k, left, right, BLOCK_M, BLOCK_N)
     # Tiles that start below `inside` end at or before the last key: only a masked run's tiles from there on
-    # (at most its last) can cross it, and only those need V zeroed. Splitting each masked run there gave the
-    # dense TMA path +3 % (a window of 4096 keys), but cost packed sequences 1-4 % (their runs are short, and a
-    # second loop costs its set-up), so only the dense TMA path splits (benchmarks/NOTES.md).
+    # (at most its last) can cross it, so each masked run is split there (full tiles never cross it).
     inside = n_k // BLOCK_N * BLOCK_N
-    SPLIT: tl.constexpr = USE_TMA and not VARLEN
     acc, m_i, l_i = _attend_masked(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, K_DESC, V_DESC,
                                    k_row, k_col, v_row, v_col, offs_m, offs_n, offs_d, start, full_start, inside, n_k,
-                                   diag, qk_scale, left, right, cap2, slope2, SPLIT, SOFTCAP, ALIBI,
+                                   diag, qk_scale, left, right, cap2, slope2, SOFTCAP, ALIBI,
                                    HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, PRECISION, USE_TMA)
     acc, m_i, l_i = _attend_to_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, K_DESC, V_DESC,
                                      k_row, k_col, v_row, v_col, offs_m, offs_n, offs_d, full_start, full_end, n_k,
@@ -178,7 +172,7 @@ def flash_forward_kernel(Q, K, V, O, LSE, K_DESC, V_DESC, CU_Q, CU_K, SLOPES,
                                      HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, PRECISION, WARP_SPECIALIZE, USE_TMA)
     acc, m_i, l_i = _attend_masked(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, K_DESC, V_DESC,
                                    k_row, k_col, v_row, v_col, offs_m, offs_n, offs_d, full_end, stop, inside, n_k,
-                                   diag, qk_scale, left, right, cap2, slope2, SPLIT, SOFTCAP, ALIBI,
+                                   diag, qk_scale, left, right, cap2, slope2, SOFTCAP, ALIBI,
                                    HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, PRECISION, USE_TMA)
 
     # Normalise. A row with no visible key has l = 0: its output is 0 and its lse is -inf.
