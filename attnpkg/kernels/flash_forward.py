@@ -27,26 +27,24 @@ LOG2E = tl.constexpr(1.4426950408889634)
 @triton.jit
 def _attend_to_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, k_desc, v_desc, k_row, k_col, v_row,
                      v_col, offs_m, offs_n, offs_d, start, stop, n_k, diag, qk_scale, left, right, cap2, slope2,
-                     MASKED: tl.constexpr, CROSSES: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr,
-                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
+                     MASKED: tl.constexpr, SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, HEAD_DIM: tl.constexpr,
+                     BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr,
                      PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, USE_TMA: tl.constexpr):
-    """Fold the key/value tiles in [start, stop) into the running (acc, m, l) of one query tile. CROSSES: a tile
-    of the run may reach past the last key (only a masked run's last tile can)."""
+    """Fold the key/value tiles in [start, stop) into the running (acc, m, l) of one query tile."""
     for start_n in tl.range(start, stop, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
         cols = start_n + offs_n
         if USE_TMA:
             # Hopper's tensor memory accelerator copies the tile. A tile that crosses the end of this
             # head's (or sequence's) keys brings in the next one's rows (zeros past the tensor): their
             # scores are masked below, and their values must be zeroed too, since p = 0 times a
-            # non-finite value is NaN. That costs the tile a round trip of V through registers (the
-            # product reads it from shared memory), so only runs that can cross pay it.
+            # non-finite value is NaN. Full tiles never cross it (masks.key_tiles).
             k = k_desc.load([k_row + start_n, k_col])
             v = v_desc.load([v_row + start_n, v_col])
-            if CROSSES:
+            if MASKED:
                 v = tl.where(cols[:, None] < n_k, v, 0.0)
         else:
-            k = load_tile(k_base + cols[:, None] * stride_kn, cols, n_k, offs_d, CROSSES, HEAD_DIM, BLOCK_D)
-            v = load_tile(v_base + cols[:, None] * stride_vn, cols, n_k, offs_d, CROSSES, HEAD_DIM, BLOCK_D)
+            k = load_tile(k_base + cols[:, None] * stride_kn, cols, n_k, offs_d, MASKED, HEAD_DIM, BLOCK_D)
+            v = load_tile(v_base + cols[:, None] * stride_vn, cols, n_k, offs_d, MASKED, HEAD_DIM, BLOCK_D)
         if UPCAST:
             k, v = k.to(tl.float32), v.to(tl.float32)
         qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)
@@ -80,24 +78,6 @@ def _attend_to_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, k_d
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
         m_i = m_new
     return acc, m_i, l_i
-
-
-@triton.jit
-def _attend_masked(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, k_desc, v_desc, k_row, k_col, v_row,
-                   v_col, offs_m, offs_n, offs_d, start, stop, inside, n_k, diag, qk_scale, left, right, cap2, slope2,
-                   SOFTCAP: tl.constexpr, ALIBI: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                   BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr):
-    """A masked run [start, stop) (``start`` a multiple of BLOCK_N): the tiles below ``inside`` do not cross the
-    last key, the rest may."""
-    split = tl.maximum(tl.minimum(stop, inside), start)
-    acc, m_i, l_i = _attend_to_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, k_desc, v_desc,
-                                     k_row, k_col, v_row, v_col, offs_m, offs_n, offs_d, start, split, n_k, diag,
-                                     qk_scale, left, right, cap2, slope2, True, False, SOFTCAP, ALIBI,
-                                     HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, PRECISION, False, USE_TMA)
-    return _attend_to_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, k_desc, v_desc,
-                            k_row, k_col, v_row, v_col, offs_m, offs_n, offs_d, split, stop, n_k, diag,
-                            qk_scale, left, right, cap2, slope2, True, True, SOFTCAP, ALIBI,
-                            HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, PRECISION, False, USE_TMA)
 
 
 @triton.jit
@@ -159,21 +139,18 @@ def flash_forward_kernel(Q, K, V, O, LSE, K_DESC, V_DESC, CU_Q, CU_K, SLOPES,
     # seen in full by every row of this query tile. Tiles outside [start, stop) are never loaded.
     diag = n_k - n_q
     start, full_start, full_end, stop = key_tiles(start_m, n_q, n_k, left, right, BLOCK_M, BLOCK_N)
-    # Tiles that start below `inside` end at or before the last key: only a masked run's tiles from there on
-    # (at most its last) can cross it, so each masked run is split there (full tiles never cross it).
-    inside = n_k // BLOCK_N * BLOCK_N
-    acc, m_i, l_i = _attend_masked(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, K_DESC, V_DESC,
-                                   k_row, k_col, v_row, v_col, offs_m, offs_n, offs_d, start, full_start, inside, n_k,
-                                   diag, qk_scale, left, right, cap2, slope2, SOFTCAP, ALIBI,
-                                   HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, PRECISION, USE_TMA)
+    acc, m_i, l_i = _attend_to_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, K_DESC, V_DESC,
+                                     k_row, k_col, v_row, v_col, offs_m, offs_n, offs_d, start, full_start, n_k, diag,
+                                     qk_scale, left, right, cap2, slope2, True, SOFTCAP, ALIBI,
+                                     HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, PRECISION, False, USE_TMA)
     acc, m_i, l_i = _attend_to_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, K_DESC, V_DESC,
                                      k_row, k_col, v_row, v_col, offs_m, offs_n, offs_d, full_start, full_end, n_k,
-                                     diag, qk_scale, left, right, cap2, slope2, False, False, SOFTCAP, ALIBI,
+                                     diag, qk_scale, left, right, cap2, slope2, False, SOFTCAP, ALIBI,
                                      HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, PRECISION, WARP_SPECIALIZE, USE_TMA)
-    acc, m_i, l_i = _attend_masked(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, K_DESC, V_DESC,
-                                   k_row, k_col, v_row, v_col, offs_m, offs_n, offs_d, full_end, stop, inside, n_k,
-                                   diag, qk_scale, left, right, cap2, slope2, SOFTCAP, ALIBI,
-                                   HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, PRECISION, USE_TMA)
+    acc, m_i, l_i = _attend_to_tiles(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, K_DESC, V_DESC,
+                                     k_row, k_col, v_row, v_col, offs_m, offs_n, offs_d, full_end, stop, n_k, diag,
+                                     qk_scale, left, right, cap2, slope2, True, SOFTCAP, ALIBI,
+                                     HEAD_DIM, BLOCK_D, BLOCK_N, UPCAST, PRECISION, False, USE_TMA)
 
     # Normalise. A row with no visible key has l = 0: its output is 0 and its lse is -inf.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
