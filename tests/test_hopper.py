@@ -50,8 +50,24 @@ def test_hopper_kernel_can_be_switched_off(monkeypatch):
     assert not hopper.supports(q, k, (big, big), 0.0, None, None, **TESTED)
 
 
+def test_small_problems_take_the_two_kernel_pass(monkeypatch):
+    """Eager calls below MIN_PAIRS score pairs are host-bound: the kernel with the lighter launch runs them."""
+    monkeypatch.setattr(hopper, "MIN_PAIRS", 2**29)
+    dense = lambda b, h, n_q, n_k: (torch.empty(b, h, n_q, 128), torch.empty(b, 1, n_k, 128))
+    assert hopper.pays_off(*dense(4, 16, 4096, 4096), None)                # 2^30 pairs
+    assert hopper.pays_off(*dense(1, 32, 4096, 4096), None)                # 2^29
+    assert not hopper.pays_off(*dense(4, 16, 1024, 1024), None)            # 2^26
+    assert not hopper.pays_off(*dense(4, 16, 4096, 1024), None)
+    packed = lambda h, total, sequences: (torch.empty(1, h, total, 128), torch.empty(1, 1, total, 128), sequences)
+    assert hopper.pays_off(*packed(16, 65536, 32))                         # 32 documents of 2048: 2^31
+    assert not hopper.pays_off(*packed(16, 65536, 4096))                   # 4096 documents of 16: 2^24
+    monkeypatch.setattr(hopper, "MIN_PAIRS", 0)
+    assert hopper.pays_off(*dense(1, 1, 1, 1), None)
+
+
 def _taken(monkeypatch):
-    """A list that records each call of the Hopper kernel's launcher."""
+    """A list that records each call of the Hopper kernel's launcher (chosen at any size: ``MIN_PAIRS = 0``)."""
+    monkeypatch.setattr(hopper, "MIN_PAIRS", 0)
     calls = []
     run = hopper.backward
     monkeypatch.setattr(hopper, "backward", lambda *a, **kw: calls.append(1) or run(*a, **kw))
@@ -135,12 +151,14 @@ def test_deterministic_runs_the_two_kernel_pass_and_defaults_follow_torch(monkey
 
 @pytest.mark.gpu
 @needs_hopper
-def test_hopper_backward_dk_dv_bitwise_stable_dq_close():
+def test_hopper_backward_dk_dv_bitwise_stable_dq_close(monkeypatch):
     """dK and dV are sums owned by one program; dQ's float32 additions land in any order."""
+    calls = _taken(monkeypatch)
     q = torch.randn(2, 8, 2048, 128, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(2, 2, 2048, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     do = torch.randn_like(q)
     runs = [grads(q, k, v, do, causal=True, deterministic=False) for _ in range(3)]
+    assert len(calls) == 3
     for other in runs[1:]:
         assert torch.equal(other["dk"], runs[0]["dk"]) and torch.equal(other["dv"], runs[0]["dv"])
         torch.testing.assert_close(other["dq"], runs[0]["dq"], atol=1e-2, rtol=1e-2)
