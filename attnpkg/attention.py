@@ -305,9 +305,10 @@ def backward_impl(do, q, k, v, o, lse, dlse, causal, scale: float, deterministic
 
     Two kernels: one per key tile for dK and dV, one per query tile for dQ, each recomputing S and
     dP (7 matrix products per tile pair), every sum in a fixed order. With ``deterministic=False``,
-    where :mod:`attnpkg.hopper` was tested (a Hopper GPU, its Triton version, head dim 128, dense
-    inputs without a soft cap or ALiBi), its Gluon kernel instead: 5 products per tile pair, dQ
-    summed by float32 bulk reductions whose order varies from run to run. With ``FUSED_BACKWARD``
+    where :mod:`attnpkg.hopper` was tested (a Hopper GPU, its Triton version, head dim 128, dense or
+    packed inputs without a soft cap or ALiBi) and pays off (not a small eager call), its Gluon kernel
+    instead: 5 products per tile pair, dQ summed by float32 bulk reductions whose order varies from
+    run to run. With ``FUSED_BACKWARD``
     and ``deterministic=False`` elsewhere: the dK/dV kernel alone computes S, P, dP and dS once and
     adds its share of dQ by atomic adds."""
     mask = _as_mask(causal)
@@ -586,10 +587,11 @@ def flash_attention(q, k, v, *, causal=False, window_size=(-1, -1), softcap=0.0,
             ``None`` (default) follows ``torch.are_deterministic_algorithms_enabled()``. ``True``
             guarantees it (the two-kernel pass, seven matrix products per tile pair). ``False`` allows
             a non-deterministic pass where one is faster: on Hopper GPUs (H100, H200) with the Triton
-            version it was tested with, head dim 128, dense inputs with any band (no mask, causal,
-            sliding windows) but no soft cap or ALiBi, that is the five-product Gluon kernel of
-            :mod:`attnpkg.hopper` (dQ summed by float32 bulk reductions in any order: its last bits
-            vary; 1.2-1.3x the deterministic pass on an H200); elsewhere the deterministic pass.
+            version it was tested with, head dim 128, dense or packed inputs with any band (no mask,
+            causal, sliding windows) but no soft cap or ALiBi, that is the five-product Gluon kernel
+            of :mod:`attnpkg.hopper` (dQ summed by float32 bulk reductions in any order: its last bits
+            vary; 1.2-1.3x the deterministic pass on an H200), except for small eager calls, where its
+            heavier launch would decide the time (``hopper.pays_off``); elsewhere the deterministic pass.
 
     Returns:
         ``o`` of shape ``(B, Hq, Nq, D)`` in the dtype of ``q``, and ``lse`` if ``return_lse``.

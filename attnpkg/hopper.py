@@ -7,10 +7,12 @@ this one: ``kernels/hopper_backward.py``, a Gluon kernel that computes each tile
 share of dQ into a float32 buffer by bulk reductions (five products). On an H200 it ran 1.2-1.3x the portable pass
 at head dim 128 (``benchmarks/NOTES.md``).
 
-It is chosen only where it was tested: a Hopper GPU (compute capability 9.0) with the Triton version it was written
-against (Gluon's interface changes from one release to the next), head dim 128 (at 64 it was not faster), float16 or
-bfloat16, dense inputs, any band of :mod:`attnpkg.masks` (no mask, causal, sliding windows) without a soft cap or
-ALiBi. Everything else (packed sequences too), and the book's CPU runs, take the portable pass.
+It is chosen only where it was tested (:func:`supports`): a Hopper GPU (compute capability 9.0) with the Triton
+version it was written against (Gluon's interface changes from one release to the next), head dim 128 (at 64 it was
+not faster), float16 or bfloat16, dense batches and packed sequences (``flash_attention_varlen``), any band of
+:mod:`attnpkg.masks` (no mask, causal, sliding windows) without a soft cap or ALiBi; and only where it pays off
+(:func:`pays_off`): an eager call large enough that its heavier launch does not decide the time, or any call captured
+in a CUDA graph. Everything else, and the book's CPU runs, take the portable pass.
 """
 import torch
 import triton

@@ -76,6 +76,13 @@ A ragged last key tile is masked against every query tile (keys >= Nk -> P = 0).
 Rows past Nq (and rows that see no key) get -m = -1e30, so P = 0 and dS = 0; their Q/dO rows are the next
 head's finite rows or TMA zeros, so they add exact zeros to dK, dV and to dQacc (TMA clips rows past the
 buffer; rows of the next head receive +0).
+
+Packed sequences (VARLEN): the tensors are (total, H, D), seen as matrices (total, H*D) whose rows hold the
+heads of one token side by side; sequence b's head h starts at row cu[b] and column h*D, and its lengths
+replace Nq, Nk above.  A tile that runs past the sequence reads the next sequence's rows: as past Nq, their
+-m is -1e30 (the preprocessing pads each sequence's pairs) and keys past Nk are masked, so they add exact
+zeros, also to the next sequence's dQacc rows.  Key tiles past a sequence's keys visit no query tile and
+store nothing; the grid spans the longest sequence.
 """
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -341,8 +348,8 @@ def hopper_backward_kernel(q_desc, k_desc, v_desc, do_desc, dq_desc, ld_desc, DK
                           p_bufs, ds_bufs, dq_s, ready_q, ready_do, ready_l,
                           False, LEFT, RIGHT, OVERLAP, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES, num_warps)
     if LEFT:        # without a left edge full_end = last: no masked run after the full one
-        dk, dv = _query_tiles(n_full, n_total, dk, dv, start_n, q_row0, q_col, l_row0, q_lo, n_q, n_k, left, right, n_total,
-                              qk_scale, scale, q_desc, do_desc, dq_desc, ld_desc, kv_bufs, q_ring, do_ring, ld_ring,
+        dk, dv = _query_tiles(n_full, n_total, dk, dv, start_n, q_row0, q_col, l_row0, q_lo, n_q, n_k, left, right,
+                              n_total, qk_scale, scale, q_desc, do_desc, dq_desc, ld_desc, kv_bufs, q_ring, do_ring, ld_ring,
                               p_bufs, ds_bufs, dq_s, ready_q, ready_do, ready_l,
                               True, LEFT, RIGHT, OVERLAP, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES, num_warps)
     if OVERLAP:
