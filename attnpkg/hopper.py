@@ -11,8 +11,8 @@ It is chosen only where it was tested (:func:`supports`): a Hopper GPU (compute 
 version it was written against (Gluon's interface changes from one release to the next), head dim 128 (at 64 it was
 not faster), float16 or bfloat16, dense batches and packed sequences (``flash_attention_varlen``), any band of
 :mod:`attnpkg.masks` (no mask, causal, sliding windows) without a soft cap or ALiBi; and only where it pays off
-(:func:`pays_off`): an eager call large enough that its heavier launch does not decide the time, or any call captured
-in a CUDA graph. Everything else, and the book's CPU runs, take the portable pass.
+(:func:`pays_off`): a call large enough that its heavier launch does not decide the time. Everything else, and the
+book's CPU runs, take the portable pass.
 """
 import torch
 import triton
@@ -50,11 +50,9 @@ def supports(q, k, window, softcap, alibi, sequences, capability, triton_version
 
 
 def pays_off(q, k, sequences) -> bool:
-    """Whether the kernel's lower GPU time outweighs its heavier launch (Gluon's dispatch, five descriptors): always
-    while a CUDA graph is being captured (a replay runs no host code), else from ``MIN_PAIRS`` score pairs on.
-    ``sequences`` as in :func:`supports`."""
-    if q.is_cuda and torch.cuda.is_current_stream_capturing():
-        return True
+    """Whether the kernel's lower GPU time outweighs its heavier launch (Gluon's dispatch, five descriptors): from
+    ``MIN_PAIRS`` score pairs on. ``sequences`` as in :func:`supports`. The rule depends on the shapes alone, so a
+    CUDA graph captures the kernel its warm-up runs compiled (a kernel compiled during a capture would fail there)."""
     if sequences is None:
         pairs = q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2]
     else:                       # packed: the sequences' pairs if their lengths were equal
