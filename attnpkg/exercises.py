@@ -25,7 +25,7 @@ from .check import Finding, Report, _quiet, describe_mismatch, max_error, refere
 __all__ = ["softmax_backward", "logsumexp", "matmul_backward", "linear_backward", "attention_backward",
            "causal_mask", "split_heads", "projection_weight_gradient", "online_update", "merge_partials",
            "forward_tile", "descriptor_origin", "delta", "dq_tile", "start_values", "attention_flops",
-           "causal_tile_fraction", "window_mask", "softcap_backward", "ring_merge", "causal_work"]
+           "causal_tile_fraction", "window_mask", "softcap_backward", "pair_index", "ring_merge", "causal_work"]
 
 f64 = torch.float64
 LOG2E = 1.4426950408889634
@@ -582,6 +582,45 @@ def softcap_backward(fn):
                         g * (1 - torch.tanh(c * t / c) ** 2))]}
         cases.append((label, (s, g, c), (want,), alts))
     return _grade("softcap_backward", fn, cases, ["ds"])
+
+
+def _pair_index(cu, heads, block, *, tiles_of=None, local=True, halves=2, head_major=False):
+    """Where each packed query row's -m sits in the Hopper kernel's start-value buffer (the right answer, and,
+    through the keywords, the typical slips)."""
+    lengths = cu[1:] - cu[:-1]
+    tiles = -(-int(lengths.max()) // block) if tiles_of is None else tiles_of
+    batch, total = len(lengths), int(cu[-1])
+    rows = torch.arange(total)
+    seq = torch.searchsorted(cu[1:], rows, right=True)                  # the sequence of each packed row
+    i = rows - cu[seq] if local else rows
+    h = torch.arange(heads)[:, None]
+    program = seq * heads + h if not head_major else h * batch + seq
+    return ((program * tiles + i // block) * halves * block + i % block).double()
+
+
+def pair_index(fn):
+    """``fn(cu_seqlens, heads, block)``: for packed sequences (int64 prefix sums ``cu_seqlens``), a ``(heads, total)``
+    tensor: the position of each query row's start value -m in the buffer that the Hopper backward reads (chapter 8):
+    per sequence b and head h, ``ceil(longest / block)`` query tiles, each ``block`` values -m then ``block`` values
+    -D."""
+    cases = []
+    for label, lengths, heads, block in (("three sequences, one ragged", [5, 8, 3], 2, 4),
+                                         ("an empty sequence and one of one token", [6, 0, 1, 9], 3, 4),
+                                         ("one sequence", [10], 1, 8)):
+        cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist())
+        total = int(cu[-1])
+        alts = {"index": [
+            ("the number of query tiles per sequence is taken from the packed length (total), not from the longest "
+             "sequence, whose tiles the launch grid spans", _pair_index(cu, heads, block, tiles_of=-(-total // block))),
+            ("the row is the packed row; within its sequence's tiles it is counted from the sequence's first row, "
+             "cu_seqlens[b]", _pair_index(cu, heads, block, local=False)),
+            ("each tile holds block values -m and then block values -D: the tile's stride is 2 block",
+             _pair_index(cu, heads, block, halves=1)),
+            ("the programs are numbered head-major (h B + b); the grid numbers them b H + h",
+             _pair_index(cu, heads, block, head_major=True))]}
+        cases.append((f"{label}: lengths {lengths}, {heads} heads, block {block}", (cu, heads, block),
+                      (_pair_index(cu, heads, block),), alts))
+    return _grade("pair_index", fn, cases, ["index"])
 
 
 # ---------------------------------------------------------------------------------------------------

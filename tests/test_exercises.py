@@ -441,3 +441,47 @@ def test_every_checker_is_used_in_the_book():
     text = "".join(p.read_text() for p in (Path(__file__).resolve().parents[1] / "notebooks").glob("0*.ipynb"))
     unused = [name for name in exercises.__all__ if f"exercises.{name}(" not in text]
     assert not unused, unused
+
+
+# Chapter 8: the start values of packed sequences ------------------------------------------------------
+
+def _pair_index(cu, heads, block, *, tiles=None, local=True, stride=2, head_major=False):
+    lengths = (cu[1:] - cu[:-1]).tolist()
+    tiles = tiles or -(-max(lengths) // block)
+    out = torch.empty(heads, int(cu[-1]), dtype=torch.long)
+    for b, n in enumerate(lengths):
+        for i in range(n):
+            row = int(cu[b]) + i
+            j = i if local else row
+            for h in range(heads):
+                program = h * len(lengths) + b if head_major else b * heads + h
+                out[h, row] = (program * tiles + j // block) * stride * block + j % block
+    return out
+
+
+def test_pair_index():
+    assert exercises.pair_index(_pair_index).ok
+    assert "not attempted" in str(exercises.pair_index(todo))
+    assert_rejects(exercises.pair_index(lambda cu, h, b: _pair_index(cu, h, b, tiles=-(-int(cu[-1]) // b))),
+                   "taken from the packed length")
+    assert_rejects(exercises.pair_index(lambda cu, h, b: _pair_index(cu, h, b, local=False)), "is the packed row")
+    assert_rejects(exercises.pair_index(lambda cu, h, b: _pair_index(cu, h, b, stride=1)), "stride is 2 block")
+    assert_rejects(exercises.pair_index(lambda cu, h, b: _pair_index(cu, h, b, head_major=True)), "head-major")
+
+
+def test_pair_index_matches_the_preprocessing_kernel():
+    """The exercise's answer is where flash_backward_preprocess (VARLEN, PAIRS) writes each row's -m."""
+    from attnpkg.kernels.flash_backward import flash_backward_preprocess
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    lengths, heads, block, d = [6, 0, 1, 9], 3, 4, 16
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist())
+    total, tiles = int(cu[-1]), -(-max(lengths) // block)
+    o, do = (torch.randn(total, heads, d, device=device) for _ in range(2))
+    lse = torch.randn(1, heads, total, device=device)
+    pairs = torch.full((len(lengths) * heads * tiles * 2 * block,), float("nan"), device=device)
+    strides = (0, o.stride(1), o.stride(0), 1)
+    flash_backward_preprocess[(tiles * len(lengths) * heads,)](
+        o, do, lse, lse, pairs, pairs, cu.to(torch.int32).to(device), *strides, *strides, heads, max(lengths), total,
+        1.0, HEAD_DIM=d, BLOCK_D=d, BLOCK_M=block, HAS_DLSE=False, PAIRS=True, VARLEN=True, INT64=False)
+    index = _pair_index(cu, heads, block).to(device)
+    torch.testing.assert_close(pairs[index], -lse[0])
