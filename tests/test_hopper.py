@@ -274,3 +274,19 @@ def test_hopper_backward_packed_from_a_fused_projection(monkeypatch):
     torch.testing.assert_close(o, o2, atol=0, rtol=0)
     for i in range(3):
         torch.testing.assert_close(grad[:, i], want[i], atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.gpu
+@needs_hopper
+def test_small_eager_calls_take_the_two_kernel_pass(monkeypatch):
+    """Below MIN_PAIRS score pairs flash_attention's backward does not launch the Gluon kernel."""
+    calls = []
+    run = hopper.backward
+    monkeypatch.setattr(hopper, "backward", lambda *a, **kw: calls.append(1) or run(*a, **kw))
+    q, k, v = (torch.randn(1, 4, 512, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    assert not hopper.pays_off(q, k, None)
+    attnpkg.flash_attention(q, k, v, causal=True, deterministic=False).sum().backward()
+    assert not calls
+    monkeypatch.setattr(hopper, "MIN_PAIRS", 0)
+    attnpkg.flash_attention(q, k, v, causal=True, deterministic=False).sum().backward()
+    assert len(calls) == 1
