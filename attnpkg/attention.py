@@ -321,8 +321,8 @@ def backward_impl(do, q, k, v, o, lse, dlse, causal, scale: float, deterministic
     if not deterministic and q.is_cuda and not _interpreting():
         window = window_bounds(mask.window, False, n_q, n_k)
         sequences = mask.cu_q.shape[0] - 1 if packed else None
-        if (hopper.supports(q, k, window, mask.softcap, mask.alibi, sequences, _capability(q.device))
-                and hopper.pays_off(q, k, sequences)):
+        if (hopper.supports(q, k, window, mask.softcap, mask.alibi, sequences, _capability(q.device),
+                            longest=mask.max_q) and hopper.pays_off(q, k, sequences)):
             with _on_device_of(q):
                 return hopper.backward(do, q, k, v, o, lse, dlse, window, scale, mask.cu_q, mask.cu_k, mask.max_q,
                                        mask.max_k)

@@ -33,11 +33,18 @@ BLOCK_M, BLOCK_N, NUM_WARPS, NUM_STAGES = 64, 128, 8, 2
 LOG2E = 1.4426950408889634
 
 
-def supports(q, k, window, softcap, alibi, sequences, capability, triton_version=triton.__version__) -> bool:
+def supports(q, k, window, softcap, alibi, sequences, capability, triton_version=triton.__version__,
+             longest=0) -> bool:
     """Whether the Hopper kernel serves this backward pass: the GPU, Triton, head dim, dtype and mask it was tested
     with. ``window`` is ``(left, right)`` as the kernels take them (an unbounded side is ``Nq + Nk`` or more);
     ``sequences``: None for a dense ``(B, H, N, D)`` batch, else the number of packed sequences (``q``, ``k``
-    then being ``(1, H, total, D)`` views); ``capability`` is the GPU's ``(major, minor)``."""
+    then being ``(1, H, total, D)`` views) and ``longest`` the longest query sequence; ``capability`` is the GPU's
+    ``(major, minor)``.
+
+    Packed sequences get one tile of start values per sequence, head and query tile of the longest sequence (the
+    launch grid), 512 bytes each, as many bytes as one row of the float32 dQ buffer: the kernel is taken while those
+    tiles are no more than the rows (memory O(total + B), at most twice the dQ buffer). Many short sequences beside
+    a long one (1000 beside one of 32k in 64k rows: 8 times the dQ buffer) take the two-kernel pass."""
     n_q, n_k = q.shape[2], k.shape[2]
     big = n_q + n_k
     programs = q.shape[0] * q.shape[1] if sequences is None else sequences * q.shape[1]
@@ -45,6 +52,7 @@ def supports(q, k, window, softcap, alibi, sequences, capability, triton_version
             and q.shape[-1] in HEAD_DIMS and q.dtype in (torch.float16, torch.bfloat16)
             and not softcap and alibi is None and window_tested(window, big)
             and programs <= 65535                                         # the grid's second axis
+            and (sequences is None or sequences * -(-longest // BLOCK_M) <= n_q)      # the start values' memory
             and q.shape[0] * q.shape[1] * (n_q + BLOCK_M) < 2**31         # the kernel's row coordinates are 32-bit
             and k.shape[0] * k.shape[1] * (n_k + BLOCK_N) < 2**31)
 

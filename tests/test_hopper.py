@@ -43,6 +43,21 @@ def test_hopper_kernel_is_chosen_only_where_it_was_tested(monkeypatch, change, c
     assert hopper.supports(q, k, **args) is chosen
 
 
+@pytest.mark.parametrize("lengths,chosen", [
+    ([2048] * 32, True),                                   # equal documents: 1 tile per 64 rows
+    ([1000, 1, 0, 129, 2048, 64, 777, 0], True),           # 8 x 32 tiles for 4019 rows
+    ([1] * 64, True),                                      # 64 tiles for 64 rows: the limit
+    ([128] + [1] * 200, False),                            # 201 x 2 tiles for 328 rows
+    ([32768] + [32] * 1000, False),                        # 1001 x 512 tiles for 64768 rows: 8x the dQ buffer
+], ids=lambda x: str(x)[:30])
+def test_packed_start_values_stay_within_the_dq_buffer(lengths, chosen):
+    """One tile of start values per (sequence, head, query tile of the longest sequence): while they are no
+    more than the rows, their buffer is at most the float32 dQ buffer; beyond, the two-kernel pass."""
+    total, big = sum(lengths), 2 * sum(lengths)
+    q, k = torch.empty(1, 4, total, 128, dtype=torch.bfloat16), torch.empty(1, 2, total, 128, dtype=torch.bfloat16)
+    assert hopper.supports(q, k, (big, big), 0.0, None, len(lengths), **TESTED, longest=max(lengths)) is chosen
+
+
 def test_hopper_kernel_can_be_switched_off(monkeypatch):
     q, k = qk()
     big = q.shape[2] + k.shape[2]
