@@ -308,9 +308,8 @@ def backward_impl(do, q, k, v, o, lse, dlse, causal, scale: float, deterministic
     where :mod:`attnpkg.hopper` was tested (a Hopper GPU, its Triton version, head dim 128, dense or
     packed inputs without a soft cap or ALiBi) and pays off (not a small eager call), its Gluon kernel
     instead: 5 products per tile pair, dQ summed by float32 bulk reductions whose order varies from
-    run to run. With ``FUSED_BACKWARD``
-    and ``deterministic=False`` elsewhere: the dK/dV kernel alone computes S, P, dP and dS once and
-    adds its share of dQ by atomic adds."""
+    run to run. With ``FUSED_BACKWARD`` and ``deterministic=False`` elsewhere: the dK/dV kernel alone
+    computes S, P, dP and dS once and adds its share of dQ by atomic adds."""
     mask = _as_mask(causal)
     packed = mask.cu_q is not None
     batch, n_heads, n_q, head_dim = q.shape

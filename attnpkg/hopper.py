@@ -135,7 +135,7 @@ def backward(do, q, k, v, o, lse, dlse, window, scale: float, cu_q=None, cu_k=No
         rows(q, BLOCK_M), rows(k, BLOCK_N), rows(v, BLOCK_N), rows(do, BLOCK_M), rows(dq_acc, BLOCK_M, gl.float32),
         pair_desc, dk, dv, cu_q if packed else pairs, cu_k if packed else pairs, grid_q, grid_k, heads, pair_tiles,
         left, right, scale * LOG2E, scale,
-        GROUP=group, VARLEN=packed, LEFT=left < n_q + n_k, RIGHT=right < n_q + n_k, OVERLAP=True, HEAD_DIM=d,
+        GROUP=group, VARLEN=packed, LEFT=left < n_q + n_k, RIGHT=right < n_q + n_k, HEAD_DIM=d,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, NUM_STAGES=NUM_STAGES, num_warps=NUM_WARPS)
     dq = dq_acc.to(q.dtype)                                           # the kernel added scale * dS K
     if group > 1:                                                     # a fixed order of summation

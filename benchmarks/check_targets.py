@@ -42,12 +42,11 @@ def check_masks(rows):
 
 def main(path):
     rows = list(csv.DictReader(open(path)))
+    print(f"{rows[0]['gpu']} | torch {rows[0]['torch']} | triton {rows[0]['triton']} | {rows[0]['date']}")
     if "case" in rows[0]:
-        print(f"{rows[0]['gpu']} | torch {rows[0]['torch']} | triton {rows[0]['triton']} | {rows[0]['date']}")
         return 1 if check_masks(rows) else 0
     tflops = {(r["head_dim"], r["causal"], r["dtype"], int(r["n"]), r["mode"], r["provider"]): float(r["tflops"] or 0)
               for r in rows}
-    print(f"{rows[0]['gpu']} | torch {rows[0]['torch']} | triton {rows[0]['triton']} | {rows[0]['date']}")
     missed = 0
     for mode, ours, other, min_n, target in TARGETS:
         ratios = {key[:4]: tflops[key] / tflops[key[:5] + (other,)] for key in tflops

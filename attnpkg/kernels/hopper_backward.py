@@ -31,7 +31,7 @@ into a float32 buffer (B*Hq*Nq, D) by a TMA bulk reduction (cp.reduce.async.bulk
 through one float32 shared tile.  The host then casts dQacc (already scaled) to the input dtype.  The float32 adds of different key tiles land in any order:
 dQ is not bitwise deterministic (dK, dV are).
 
-Pipeline of one iteration (OVERLAP=True).  warpgroup_mma groups complete in issue order, per warpgroup;
+Pipeline of one iteration.  warpgroup_mma groups complete in issue order, per warpgroup;
 wait(1) leaves at most the most recent group of *this warpgroup* in flight.  Each of the 2 warpgroups
 (8 warps) owns 64 of the 128 keys of S^T, dP^T, dK, dV and half of D for dQ.
 
@@ -51,7 +51,8 @@ wait(1) leaves at most the most recent group of *this warpgroup* in flight.  Eac
 
 So exp2 overlaps dP^T, dS overlaps dV, the dQ epilogue and the next tile's waits and S/dP issue overlap
 dK, the TMA loads of a tile overlap the previous tile(s), and the dQ reduce overlaps the next tile.
-OVERLAP=False issues the same code with every product synchronous (the simple variant).
+(Every product waited for at once, the same kernel ran 1.13-1.24x the two-kernel pass against 1.20-1.30x:
+benchmarks/NOTES.md.)
 
 Buffer reuse: the stage that tile t-1 used is rewritten after (B) of tile t: its readers S(t-1), dP(t-1),
 dV(t-1) finished inside tile t-1, and dK(t-1) (the last reader of that Q) at the first wait(1) of tile t,
@@ -130,7 +131,7 @@ def _copy_tile(q_desc, do_desc, ld_desc, q_ring, do_ring, ld_ring, ready_q, read
 def _query_tiles(lo, hi, dk, dv, start_n, q_row0, q_col, l_row0, q_lo, n_q, n_k, left, right, n_total, qk_scale, scale,
                  q_desc, do_desc, dq_desc, ld_desc, kv_bufs, q_ring, do_ring, ld_ring,
                  p_bufs, ds_bufs, dq_s, ready_q, ready_do, ready_l,
-                 MASKED: gl.constexpr, LEFT: gl.constexpr, RIGHT: gl.constexpr, OVERLAP: gl.constexpr,
+                 MASKED: gl.constexpr, LEFT: gl.constexpr, RIGHT: gl.constexpr,
                  HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
                  NUM_STAGES: gl.constexpr, num_warps: gl.constexpr):
     """Tiles t in [lo, hi) of this program's query tiles (query rows q_lo + t * BLOCK_M ...)."""
@@ -172,14 +173,13 @@ def _query_tiles(lo, hi, dk, dv, start_n, q_row0, q_col, l_row0, q_lo, n_q, n_k,
         mbarrier.wait(ready_l.index(stage), phase)
         mbarrier.wait(ready_q.index(stage), phase)
         neg_m = ld_s.slice(0, BLOCK_M).load(col_layout)
-        s = warpgroup_mma(k_s, q_s.permute((1, 0)), gl.broadcast(neg_m[None, :], zero_s)[0], is_async=OVERLAP)
+        s = warpgroup_mma(k_s, q_s.permute((1, 0)), gl.broadcast(neg_m[None, :], zero_s)[0], is_async=True)
         mbarrier.wait(ready_do.index(stage), phase)
         neg_delta = ld_s.slice(BLOCK_M, BLOCK_M).load(col_layout)
         dp = warpgroup_mma(v_s, do_s.permute((1, 0)), gl.broadcast(neg_delta[None, :], zero_s)[0],
-                           is_async=OVERLAP)
-        if OVERLAP:
-            # Leaves dP^T in flight; completes S^T and everything older (dK of the previous tile).
-            s = warpgroup_mma_wait(1, deps=[s])
+                           is_async=True)
+        # Leaves dP^T in flight; completes S^T and everything older (dK of the previous tile).
+        s = warpgroup_mma_wait(1, deps=[s])
 
         # P^T = 2^((S^T - m) qk_scale): 0 for rows past Nq (m = 1e30) and for masked entries.
         if MASKED:
@@ -199,9 +199,8 @@ def _query_tiles(lo, hi, dk, dv, start_n, q_row0, q_col, l_row0, q_lo, n_q, n_k,
         p_s.store(p.to(dtype))
         fence_async_shared()
         gl.thread_barrier()                                          # (A)
-        dv = warpgroup_mma(p_s, do_s, dv, is_async=OVERLAP)         # dV += P^T dO
-        if OVERLAP:
-            dp = warpgroup_mma_wait(1, deps=[dp])                   # dP^T done, dV in flight
+        dv = warpgroup_mma(p_s, do_s, dv, is_async=True)         # dV += P^T dO
+        dp = warpgroup_mma_wait(1, deps=[dp])                       # dP^T done, dV in flight
 
         ds = p * dp                                                 # dS^T = P^T (dP^T - delta)
         # Prefetch tile t + NUM_STAGES - 1 into the stage tile t - 1 used: arm its barriers now (every
@@ -218,11 +217,10 @@ def _query_tiles(lo, hi, dk, dv, start_n, q_row0, q_col, l_row0, q_lo, n_q, n_k,
                    q_row0 + q_lo + nxt * BLOCK_M, q_col, l_row0 + (q_lo + nxt * BLOCK_M) * 2, have)
 
         # dQ_i = dS K_j: A = dS (64 x 128) as the transposed view of the dS^T tile in shared memory.
-        dq = warpgroup_mma(ds_s.permute((1, 0)), k_s, zero_dq, use_acc=False, is_async=OVERLAP)
-        dk = warpgroup_mma(ds_s, q_s, dk, is_async=OVERLAP)         # dK += dS^T Q
-        if OVERLAP:
-            # dV and dQ done; dK keeps running into the next tile (until its first wait).
-            dq, dv = warpgroup_mma_wait(1, deps=[dq, dv])
+        dq = warpgroup_mma(ds_s.permute((1, 0)), k_s, zero_dq, use_acc=False, is_async=True)
+        dk = warpgroup_mma(ds_s, q_s, dk, is_async=True)         # dK += dS^T Q
+        # dV and dQ done; dK keeps running into the next tile (until its first wait).
+        dq, dv = warpgroup_mma_wait(1, deps=[dq, dv])
 
         dq_s.store(dq * scale)                                      # dQ = scale dS K
         fence_async_shared()
@@ -235,7 +233,7 @@ def _query_tiles(lo, hi, dk, dv, start_n, q_row0, q_col, l_row0, q_lo, n_q, n_k,
 def hopper_backward_kernel(q_desc, k_desc, v_desc, do_desc, dq_desc, ld_desc, DK, DV, CU_Q, CU_K,
                            n_q, n_k, n_heads, pair_tiles, left, right, qk_scale, scale,
                            GROUP: gl.constexpr, VARLEN: gl.constexpr, LEFT: gl.constexpr, RIGHT: gl.constexpr,
-                           OVERLAP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
+                           HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
                            BLOCK_N: gl.constexpr, NUM_STAGES: gl.constexpr, num_warps: gl.constexpr):
     """Grid (cdiv(Nk, BLOCK_N), B * Hq).  Dense (head-major): q/do/dq descriptors are (B*Hq*Nq, D) rows, blocks
     [BLOCK_M, D]; k/v (B*Hkv*Nk, D) rows, blocks [BLOCK_N, D]; a head starts at row (b H + h) N, column 0.
@@ -335,25 +333,23 @@ def hopper_backward_kernel(q_desc, k_desc, v_desc, do_desc, dq_desc, ld_desc, DK
                                                         instr_shape=[16, HEAD_DIM, 16])
     dk = gl.full([BLOCK_N, HEAD_DIM], 0.0, gl.float32, kv_layout)
     dv = gl.full([BLOCK_N, HEAD_DIM], 0.0, gl.float32, kv_layout)
-    if OVERLAP:
-        dk = warpgroup_mma_init(dk)      # dK stays in flight across iterations; dV is waited inside one
+    dk = warpgroup_mma_init(dk)          # dK stays in flight across iterations; dV is waited inside one
     mbarrier.wait(kv_bar, 0)
 
     dk, dv = _query_tiles(0, n_masked, dk, dv, start_n, q_row0, q_col, l_row0, q_lo, n_q, n_k, left, right, n_total,
                           qk_scale, scale, q_desc, do_desc, dq_desc, ld_desc, kv_bufs, q_ring, do_ring, ld_ring,
                           p_bufs, ds_bufs, dq_s, ready_q, ready_do, ready_l,
-                          True, LEFT, RIGHT, OVERLAP, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES, num_warps)
+                          True, LEFT, RIGHT, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES, num_warps)
     dk, dv = _query_tiles(n_masked, n_full, dk, dv, start_n, q_row0, q_col, l_row0, q_lo, n_q, n_k, left, right, n_total,
                           qk_scale, scale, q_desc, do_desc, dq_desc, ld_desc, kv_bufs, q_ring, do_ring, ld_ring,
                           p_bufs, ds_bufs, dq_s, ready_q, ready_do, ready_l,
-                          False, LEFT, RIGHT, OVERLAP, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES, num_warps)
+                          False, LEFT, RIGHT, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES, num_warps)
     if LEFT:        # without a left edge full_end = last: no masked run after the full one
         dk, dv = _query_tiles(n_full, n_total, dk, dv, start_n, q_row0, q_col, l_row0, q_lo, n_q, n_k, left, right,
                               n_total, qk_scale, scale, q_desc, do_desc, dq_desc, ld_desc, kv_bufs, q_ring, do_ring, ld_ring,
                               p_bufs, ds_bufs, dq_s, ready_q, ready_do, ready_l,
-                              True, LEFT, RIGHT, OVERLAP, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES, num_warps)
-    if OVERLAP:
-        dk, dv = warpgroup_mma_wait(0, deps=[dk, dv])
+                              True, LEFT, RIGHT, HEAD_DIM, BLOCK_M, BLOCK_N, NUM_STAGES, num_warps)
+    dk, dv = warpgroup_mma_wait(0, deps=[dk, dv])
     tma.store_wait(0)
     for i in gl.static_range(NUM_STAGES):
         mbarrier.invalidate(ready_q.index(i))
