@@ -14,6 +14,8 @@ not faster), float16 or bfloat16, dense batches and packed sequences (``flash_at
 (:func:`pays_off`): a call large enough that its heavier launch does not decide the time. Everything else, and the
 book's CPU runs, take the portable pass.
 """
+import functools
+
 import torch
 import triton
 
@@ -82,12 +84,23 @@ def _aligned(x):
                                                                                 device=x.device).copy_(x)
 
 
+@functools.lru_cache(maxsize=None)
+def _layout(block, d, dtype):
+    """The shared-memory layout of a descriptor's block: swizzled ``[block, d]`` tiles of ``dtype``, or (``d`` = 0)
+    a flat run of ``block`` float32 start values. Built once per kind (Gluon's default costs about 10 us a call)."""
+    from triton.experimental.gluon import language as gl
+
+    if d == 0:
+        return gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=1)
+    element = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float32: gl.float32}[dtype]
+    return gl.NVMMASharedLayout.get_default_for([block, d], element)
+
+
 def backward(do, q, k, v, o, lse, dlse, window, scale: float, cu_q=None, cu_k=None, max_q=0, max_k=0):
     """``(dq, dk, dv)`` by the Hopper kernel; the inputs must pass :func:`supports`. ``window``: ``(left, right)`` as
     the kernels take them. Dense: ``(B, H, N, D)`` tensors. Packed sequences (``cu_q`` given): ``(1, H, total,
     D)`` views of ``(total, H, D)`` tensors, the gradients returned the same way. dQ's float32 sums arrive in any
     order, so its last bits can change from run to run (dK and dV are deterministic)."""
-    from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     from .kernels.hopper_backward import hopper_backward_kernel
@@ -123,16 +136,13 @@ def backward(do, q, k, v, o, lse, dlse, window, scale: float, cu_q=None, cu_k=No
         dq_acc = torch.zeros((batch, heads, n_q, d), dtype=torch.float32, device=q.device)
         dk, dv = (torch.empty((batch, heads, n_k, d), dtype=partial, device=q.device) for _ in range(2))
 
-    element = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
-
-    def rows(x, block, dtype=element):
+    def rows(x, block):
         matrix = x.view(x.shape[0], -1) if packed else x.view(-1, d)
-        layout = gl.NVMMASharedLayout.get_default_for([block, d], dtype)
-        return TensorDescriptor(matrix, list(matrix.shape), list(matrix.stride()), [block, d], layout)
-    pair_layout = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=1)
-    pair_desc = TensorDescriptor(pairs, [pairs.numel()], [1], [2 * BLOCK_M], pair_layout)
-    hopper_backward_kernel[(-(-grid_k // BLOCK_N), batch * heads)](
-        rows(q, BLOCK_M), rows(k, BLOCK_N), rows(v, BLOCK_N), rows(do, BLOCK_M), rows(dq_acc, BLOCK_M, gl.float32),
+        return TensorDescriptor(matrix, list(matrix.shape), list(matrix.stride()), [block, d],
+                                _layout(block, d, x.dtype))
+    pair_desc = TensorDescriptor(pairs, [pairs.numel()], [1], [2 * BLOCK_M], _layout(2 * BLOCK_M, 0, pairs.dtype))
+    launch(hopper_backward_kernel)[(-(-grid_k // BLOCK_N), batch * heads)](
+        rows(q, BLOCK_M), rows(k, BLOCK_N), rows(v, BLOCK_N), rows(do, BLOCK_M), rows(dq_acc, BLOCK_M),
         pair_desc, dk, dv, cu_q if packed else pairs, cu_k if packed else pairs, grid_q, grid_k, heads, pair_tiles,
         left, right, scale * LOG2E, scale,
         GROUP=group, VARLEN=packed, LEFT=left < n_q + n_k, RIGHT=right < n_q + n_k, HEAD_DIM=d,

@@ -10,7 +10,7 @@ A compiled kernel may only serve arguments that Triton would have specialized th
 Triton looks at the values of integer arguments (1, divisible by 16, range) and at the dtype and
 16-byte alignment of tensors. So the key holds the scalar arguments themselves, the dtype and
 address modulo 16 of each tensor (and of the base of each tensor descriptor, with its shape,
-strides and block shape), the constexprs, the launch options and the device. A call that differs
+strides, block shape and, for Gluon's descriptors, shared-memory layout), the constexprs, the launch options and the device. A call that differs
 in any of them takes Triton's own path once and gets its own entry: a training loop, which calls
 with the same shapes every step, pays Triton's path once per shape.
 
@@ -29,10 +29,18 @@ try:                                         # Triton >= 3.4: settings and the a
 except ImportError:
     _knobs = None
 
+_DESCRIPTORS = []                            # Triton's tensor descriptors, and Gluon's for Hopper
 try:
     from triton.tools.tensor_descriptor import TensorDescriptor
+    _DESCRIPTORS.append(TensorDescriptor)
 except ImportError:
-    TensorDescriptor = None
+    pass
+try:
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonDescriptor
+    _DESCRIPTORS.append(GluonDescriptor)
+except ImportError:
+    pass
+_DESCRIPTORS = tuple(_DESCRIPTORS)
 
 _direct = _knobs is not None                 # cleared if the direct call ever fails
 
@@ -47,9 +55,9 @@ def _key(x):
         return x.dtype, x.data_ptr() % 16
     if isinstance(x, (bool, float)):           # typed, so True, 1 and 1.0 stay apart
         return type(x), x
-    if TensorDescriptor is not None and isinstance(x, TensorDescriptor):
-        return (x.base.dtype, x.base.data_ptr() % 16, tuple(x.shape), tuple(x.strides), tuple(x.block_shape),
-                x.padding)
+    if isinstance(x, _DESCRIPTORS):            # Gluon's also carry the shared-memory layout of a block
+        return (type(x), x.base.dtype, x.base.data_ptr() % 16, tuple(x.shape), tuple(x.strides),
+                tuple(x.block_shape), x.padding, getattr(x, "layout", None))
     return _UNCACHED
 
 
@@ -92,9 +100,10 @@ class _Launcher:
             return compiled
         try:
             # The launcher takes every parameter in signature order (constexprs are skipped by it).
+            values = {**constexprs, "num_warps": num_warps}
             compiled.run(*grid, _driver.active.get_current_stream(device), compiled.function,
                          compiled.packed_metadata, None, None, None,
-                         *args, *(constexprs[name] for name in self.constexpr_names))
+                         *args, *(values[name] for name in self.constexpr_names))
         except (TypeError, AttributeError, ValueError):
             # Not the launcher interface this was written for: fall back for good. Nothing was
             # launched, since these errors come from unpacking the arguments.
@@ -103,14 +112,16 @@ class _Launcher:
         return compiled
 
     def _signature_matches(self, args, constexprs):
-        """The direct call passes ``args`` then the constexprs: the kernel must declare them in that order."""
+        """The direct call passes ``args`` then the constexprs: the kernel must declare them in that order. A Gluon
+        kernel also declares ``num_warps`` among its constexprs."""
         params = getattr(self.kernel, "params", None)
         if params is None:
             return False
         names = [p.name for p in params]
         flags = [p.is_constexpr for p in params]
         n = len(args)
-        if len(params) != n + len(constexprs) or any(flags[:n]) or set(names[n:]) != set(constexprs):
+        expected = set(constexprs) | ({"num_warps"} & set(names[n:]))
+        if len(params) != n + len(expected) or any(flags[:n]) or set(names[n:]) != expected:
             return False
         self.constexpr_names = names[n:]
         return True

@@ -305,3 +305,26 @@ def test_small_eager_calls_take_the_two_kernel_pass(monkeypatch):
     monkeypatch.setattr(hopper, "MIN_PAIRS", 0)
     attnpkg.flash_attention(q, k, v, causal=True, deterministic=False).sum().backward()
     assert len(calls) == 1
+
+
+@pytest.mark.gpu
+@needs_hopper
+def test_gluon_kernel_is_launched_directly_after_its_first_call(monkeypatch):
+    """attnpkg.launch keeps the compiled Gluon kernel per specialization; the direct launch gives the gradients
+    of Triton's own launch (dK, dV bit for bit; dQ's float32 sums in any order)."""
+    from attnpkg import launch as launch_module
+    from attnpkg.kernels.hopper_backward import hopper_backward_kernel
+    _taken(monkeypatch)
+    launcher = launch_module.launch(hopper_backward_kernel)
+    launcher.compiled.clear()
+    q, k, v = (torch.randn(2, 4, 700, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    do = torch.randn_like(q)
+    first = grads(q, k, v, do, causal=True, deterministic=False)
+    assert len(launcher.compiled) == 1
+    direct = grads(q, k, v, do, causal=True, deterministic=False)
+    assert len(launcher.compiled) == 1
+    monkeypatch.setattr(launch_module, "_direct", False)
+    through_triton = grads(q, k, v, do, causal=True, deterministic=False)
+    for name in ("dk", "dv"):
+        assert torch.equal(direct[name], through_triton[name]) and torch.equal(first[name], direct[name])
+    torch.testing.assert_close(direct["dq"], through_triton["dq"], atol=2e-2, rtol=1e-2)

@@ -51,3 +51,30 @@ def test_hooks_count_as_installed_only_when_present():
     class EmptyChain:
         calls = []
     assert not launch_module._hooked(EmptyChain())
+
+
+def test_gluon_descriptors_are_keyed_by_their_layout_too():
+    hopper = pytest.importorskip("triton.experimental.gluon.nvidia.hopper")
+    gl = pytest.importorskip("triton.experimental.gluon.language")
+    flat = torch.randn(512, 64, dtype=torch.float16)
+    layout = gl.NVMMASharedLayout.get_default_for([64, 64], gl.float16)
+    unswizzled = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=16, rank=2)
+    d = hopper.TensorDescriptor(flat, [512, 64], [64, 1], [64, 64], layout)
+    same = hopper.TensorDescriptor(torch.randn(512, 64, dtype=torch.float16), [512, 64], [64, 1], [64, 64], layout)
+    other = hopper.TensorDescriptor(flat, [512, 64], [64, 1], [64, 64], unswizzled)
+    assert launch_module._UNCACHED not in spec(d)
+    assert _key(d) == _key(same) and _key(d) != _key(other)
+
+
+def test_a_gluon_kernel_is_matched_with_its_num_warps_constexpr():
+    """Gluon kernels declare ``num_warps`` as a constexpr: the direct call passes it in its place."""
+    pytest.importorskip("triton.experimental.gluon")
+    from attnpkg.kernels.hopper_backward import hopper_backward_kernel
+    launcher = launch_module._Launcher(hopper_backward_kernel)
+    args = [None] * 18
+    constexprs = dict(GROUP=1, VARLEN=False, LEFT=False, RIGHT=False, HEAD_DIM=128, BLOCK_M=64, BLOCK_N=128,
+                      NUM_STAGES=2)
+    assert launcher._signature_matches(args, constexprs)
+    assert launcher.constexpr_names[-1] == "num_warps" and len(launcher.constexpr_names) == 9
+    assert not launcher._signature_matches(args[:-1], constexprs)
+    assert not launcher._signature_matches(args, {**constexprs, "EXTRA": 1})
