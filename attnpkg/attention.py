@@ -306,25 +306,25 @@ def backward_impl(do, q, k, v, o, lse, dlse, causal, scale: float, deterministic
     Two kernels: one per key tile for dK and dV, one per query tile for dQ, each recomputing S and
     dP (7 matrix products per tile pair), every sum in a fixed order. With ``deterministic=False``,
     where :mod:`attnpkg.hopper` was tested (a Hopper GPU, its Triton version, head dim 128, dense or
-    packed inputs without a soft cap or ALiBi) and pays off (not a small eager call), its Gluon kernel
-    instead: 5 products per tile pair, dQ summed by float32 bulk reductions whose order varies from
+    packed inputs without a soft cap or ALiBi), its Gluon kernel instead: 5 products per tile pair, dQ summed by float32 bulk reductions whose order varies from
     run to run. With ``FUSED_BACKWARD`` and ``deterministic=False`` elsewhere: the dK/dV kernel alone
     computes S, P, dP and dS once and adds its share of dQ by atomic adds."""
     mask = _as_mask(causal)
     packed = mask.cu_q is not None
     batch, n_heads, n_q, head_dim = q.shape
     n_kv_heads, n_k = k.shape[1], k.shape[2]
-    dq, dk, dv = _empty_out(q, packed), _empty_out(k, packed), _empty_out(v, packed)
-    if batch == 0 or n_q == 0 or n_k == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
-    if not deterministic and q.is_cuda and not _interpreting():
+    empty = batch == 0 or n_q == 0 or n_k == 0
+    if not deterministic and not empty and q.is_cuda and not _interpreting():
         window = window_bounds(mask.window, False, n_q, n_k)
         sequences = mask.cu_q.shape[0] - 1 if packed else None
-        if (hopper.supports(q, k, window, mask.softcap, mask.alibi, sequences, _capability(q.device),
-                            longest=mask.max_q) and hopper.pays_off(q, k, sequences)):
-            with _on_device_of(q):
+        if hopper.supports(q, k, window, mask.softcap, mask.alibi, sequences, _capability(q.device),
+                           longest=mask.max_q):
+            with _on_device_of(q):                     # allocates its own gradients
                 return hopper.backward(do, q, k, v, o, lse, dlse, window, scale, mask.cu_q, mask.cu_k, mask.max_q,
                                        mask.max_k)
+    dq, dk, dv = _empty_out(q, packed), _empty_out(k, packed), _empty_out(v, packed)
+    if empty:
+        return dq.zero_(), dk.zero_(), dv.zero_()
     meta = _kernel_meta(q)
     group = n_heads // n_kv_heads
     # Grouped-query: each query head's share of dK, dV in float32, summed over the group below.
@@ -589,8 +589,7 @@ def flash_attention(q, k, v, *, causal=False, window_size=(-1, -1), softcap=0.0,
             version it was tested with, head dim 128, dense or packed inputs with any band (no mask,
             causal, sliding windows) but no soft cap or ALiBi, that is the five-product Gluon kernel
             of :mod:`attnpkg.hopper` (dQ summed by float32 bulk reductions in any order: its last bits
-            vary; 1.2-1.3x the deterministic pass on an H200), except for small eager calls, where its
-            heavier launch would decide the time (``hopper.pays_off``); elsewhere the deterministic pass.
+            vary; 1.2-1.3x the deterministic pass on an H200); elsewhere the deterministic pass.
 
     Returns:
         ``o`` of shape ``(B, Hq, Nq, D)`` in the dtype of ``q``, and ``lse`` if ``return_lse``.

@@ -184,7 +184,8 @@ def run(cases, out_dir, plot=True):
                 rows.append(dict(head_dim=head_dim, causal=causal, dtype=dtype_name, n=n, batch=batch, heads=heads,
                                  provider=provider, mode=mode, ms=ms, tflops=tflops))
         print(_case_line(rows, head_dim, causal, dtype_name, n), flush=True)
-    print(f"\nwrote {write_record(out_dir, 'attention.csv', rows, matmul_tflops=round(ceiling, 1))}")
+        write_record(out_dir, "attention.csv", rows, matmul_tflops=round(ceiling, 1))   # kept if a later case fails
+    print(f"\nwrote {os.path.join(out_dir, 'attention.csv')}")
     if plot:
         _plot(rows, env, out_dir)
     print(summary_table(rows))

@@ -10,9 +10,9 @@ at head dim 128 (``benchmarks/NOTES.md``).
 It is chosen only where it was tested (:func:`supports`): a Hopper GPU (compute capability 9.0) with the Triton
 version it was written against (Gluon's interface changes from one release to the next), head dim 128 (at 64 it was
 not faster), float16 or bfloat16, dense batches and packed sequences (``flash_attention_varlen``), any band of
-:mod:`attnpkg.masks` (no mask, causal, sliding windows) without a soft cap or ALiBi; and only where it pays off
-(:func:`pays_off`): a call large enough that its heavier launch does not decide the time. Everything else, and the
-book's CPU runs, take the portable pass.
+:mod:`attnpkg.masks` (no mask, causal, sliding windows) without a soft cap or ALiBi, at every size: launched like
+the portable kernels (:mod:`attnpkg.launch`), it costs the host no more than they do. Everything else, and the book's
+CPU runs, take the portable pass.
 """
 import functools
 
@@ -26,10 +26,6 @@ ENABLED = True                        # False: always the portable pass (benchma
 WINDOWS = True                        # sliding windows too (else no mask and causal only)
 TESTED_TRITON = ("3.6.",)             # Triton versions the kernel was run and tested with
 TESTED_CAPABILITY = (9, 0)
-# Below this many score pairs (B Hq Nq Nk; packed: Hq total_q total_k / B) an eager backward is host-bound, and the
-# two-kernel pass, whose launches are lighter, finished first on the H200 (N = 1k: 0.35 against 0.58 ms, D = 128,
-# benchmarks/NOTES.md); from N = 4k on (B H = 64) this kernel is 1.2-1.3x faster. 0: always this kernel.
-MIN_PAIRS = 2**29
 HEAD_DIMS = (128,)
 BLOCK_M, BLOCK_N, NUM_WARPS, NUM_STAGES = 64, 128, 8, 2
 LOG2E = 1.4426950408889634
@@ -57,17 +53,6 @@ def supports(q, k, window, softcap, alibi, sequences, capability, triton_version
             and (sequences is None or sequences * -(-longest // BLOCK_M) <= n_q)      # the start values' memory
             and q.shape[0] * q.shape[1] * (n_q + BLOCK_M) < 2**31         # the kernel's row coordinates are 32-bit
             and k.shape[0] * k.shape[1] * (n_k + BLOCK_N) < 2**31)
-
-
-def pays_off(q, k, sequences) -> bool:
-    """Whether the kernel's lower GPU time outweighs its heavier launch (Gluon's dispatch, five descriptors): from
-    ``MIN_PAIRS`` score pairs on. ``sequences`` as in :func:`supports`. The rule depends on the shapes alone, so a
-    CUDA graph captures the kernel its warm-up runs compiled (a kernel compiled during a capture would fail there)."""
-    if sequences is None:
-        pairs = q.shape[0] * q.shape[1] * q.shape[2] * k.shape[2]
-    else:                       # packed: the sequences' pairs if their lengths were equal
-        pairs = q.shape[1] * q.shape[2] * k.shape[2] // max(sequences, 1)
-    return pairs >= MIN_PAIRS
 
 
 def window_tested(window, big) -> bool:

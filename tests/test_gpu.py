@@ -27,7 +27,8 @@ def test_torch_compile_fullgraph():
         torch.testing.assert_close(got, want)
 
 
-def test_memory_grows_linearly_in_sequence_length():
+@pytest.mark.parametrize("deterministic", [True, False], ids=["two-kernel", "fastest"])
+def test_memory_grows_linearly_in_sequence_length(deterministic):
     peaks = {}
     for n in (4096, 8192, 16384):
         q, k, v = (torch.randn(1, 4, n, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
@@ -35,17 +36,17 @@ def test_memory_grows_linearly_in_sequence_length():
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        attnpkg.flash_attention(q, k, v, causal=True).backward(do)
+        attnpkg.flash_attention(q, k, v, causal=True, deterministic=deterministic).backward(do)
         torch.cuda.synchronize()
         peaks[n] = torch.cuda.max_memory_allocated() - base
         del q, k, v, do
     # Linear: doubling N doubles the extra memory (an N x N buffer would quadruple it).
     assert peaks[8192] / peaks[4096] < 2.2 and peaks[16384] / peaks[8192] < 2.2, peaks
-    # And small: O, the three gradients, row statistics and (five-product pass, attnpkg.hopper) the float32
-    # dQ buffer, a few times the size of q (9 times, measured on an H200); the 4 heads' 16k x 16k score
+    # And small: O and the three gradients, 4 times the size of q, plus row statistics; the five-product pass
+    # (attnpkg.hopper, where it serves) adds its float32 dQ buffer, 2 more: 6. The 4 heads' 16k x 16k score
     # matrices would take 2 GiB in bf16, 128 times the size of q.
     q_bytes = 4 * 16384 * 128 * 2
-    assert peaks[16384] < 10 * q_bytes, peaks
+    assert peaks[16384] < (4.5 if deterministic else 6.5) * q_bytes, peaks
 
 
 @pytest.mark.parametrize("hkv", [16, 4, 1])

@@ -65,24 +65,8 @@ def test_hopper_kernel_can_be_switched_off(monkeypatch):
     assert not hopper.supports(q, k, (big, big), 0.0, None, None, **TESTED)
 
 
-def test_small_problems_take_the_two_kernel_pass(monkeypatch):
-    """Eager calls below MIN_PAIRS score pairs are host-bound: the kernel with the lighter launch runs them."""
-    monkeypatch.setattr(hopper, "MIN_PAIRS", 2**29)
-    dense = lambda b, h, n_q, n_k: (torch.empty(b, h, n_q, 128), torch.empty(b, 1, n_k, 128))
-    assert hopper.pays_off(*dense(4, 16, 4096, 4096), None)                # 2^30 pairs
-    assert hopper.pays_off(*dense(1, 32, 4096, 4096), None)                # 2^29
-    assert not hopper.pays_off(*dense(4, 16, 1024, 1024), None)            # 2^26
-    assert not hopper.pays_off(*dense(4, 16, 4096, 1024), None)
-    packed = lambda h, total, sequences: (torch.empty(1, h, total, 128), torch.empty(1, 1, total, 128), sequences)
-    assert hopper.pays_off(*packed(16, 65536, 32))                         # 32 documents of 2048: 2^31
-    assert not hopper.pays_off(*packed(16, 65536, 4096))                   # 4096 documents of 16: 2^24
-    monkeypatch.setattr(hopper, "MIN_PAIRS", 0)
-    assert hopper.pays_off(*dense(1, 1, 1, 1), None)
-
-
 def _taken(monkeypatch):
-    """A list that records each call of the Hopper kernel's launcher (chosen at any size: ``MIN_PAIRS = 0``)."""
-    monkeypatch.setattr(hopper, "MIN_PAIRS", 0)
+    """A list that records each call of the Hopper kernel's launcher."""
     calls = []
     run = hopper.backward
     monkeypatch.setattr(hopper, "backward", lambda *a, **kw: calls.append(1) or run(*a, **kw))
@@ -289,22 +273,6 @@ def test_hopper_backward_packed_from_a_fused_projection(monkeypatch):
     torch.testing.assert_close(o, o2, atol=0, rtol=0)
     for i in range(3):
         torch.testing.assert_close(grad[:, i], want[i], atol=1e-2, rtol=1e-2)
-
-
-@pytest.mark.gpu
-@needs_hopper
-def test_small_eager_calls_take_the_two_kernel_pass(monkeypatch):
-    """Below MIN_PAIRS score pairs flash_attention's backward does not launch the Gluon kernel."""
-    calls = []
-    run = hopper.backward
-    monkeypatch.setattr(hopper, "backward", lambda *a, **kw: calls.append(1) or run(*a, **kw))
-    q, k, v = (torch.randn(1, 4, 512, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-    assert not hopper.pays_off(q, k, None)
-    attnpkg.flash_attention(q, k, v, causal=True, deterministic=False).sum().backward()
-    assert not calls
-    monkeypatch.setattr(hopper, "MIN_PAIRS", 0)
-    attnpkg.flash_attention(q, k, v, causal=True, deterministic=False).sum().backward()
-    assert len(calls) == 1
 
 
 @pytest.mark.gpu
