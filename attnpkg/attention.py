@@ -299,6 +299,28 @@ def _empty_out(x, packed: bool, dtype=None):
 FUSED_BACKWARD = False
 
 
+def _five_product_window(q, k, mask: Mask, deterministic: bool):
+    """The band ``(left, right)`` for :mod:`attnpkg.hopper`'s five-product kernel where it serves this backward
+    pass (see :func:`backward_impl`), else None."""
+    if deterministic or not q.is_cuda or _interpreting() or 0 in (q.shape[0], q.shape[2], k.shape[2]):
+        return None
+    window = window_bounds(mask.window, False, q.shape[2], k.shape[2])
+    sequences = mask.cu_q.shape[0] - 1 if mask.cu_q is not None else None
+    serves = hopper.supports(q, k, window, mask.softcap, mask.alibi, sequences, _capability(q.device),
+                             longest=mask.max_q)
+    return window if serves else None
+
+
+def backward_pass(q, k, causal=False, deterministic=None) -> str:
+    """Which backward pass ``flash_attention(q, k, v, causal=causal, deterministic=deterministic)`` runs:
+    ``"five-product"`` (:mod:`attnpkg.hopper`) or ``"two-kernel"`` (with ``FUSED_BACKWARD``, ``"fused"`` where the
+    Hopper kernel does not serve and determinism is not asked for). The benchmark records it beside its timings."""
+    deterministic = _resolve("backward_pass", None, deterministic, q.shape[-1])[1]
+    if _five_product_window(q, k, _as_mask(causal), deterministic) is not None:
+        return "five-product"
+    return "fused" if FUSED_BACKWARD and not deterministic else "two-kernel"
+
+
 def backward_impl(do, q, k, v, o, lse, dlse, causal, scale: float, deterministic: bool = True):
     """Run the backward kernels: returns (dq, dk, dv). ``dlse`` (or None) is the gradient of lse;
     ``causal``: a bool or a :class:`Mask`.
@@ -313,17 +335,13 @@ def backward_impl(do, q, k, v, o, lse, dlse, causal, scale: float, deterministic
     packed = mask.cu_q is not None
     batch, n_heads, n_q, head_dim = q.shape
     n_kv_heads, n_k = k.shape[1], k.shape[2]
-    empty = batch == 0 or n_q == 0 or n_k == 0
-    if not deterministic and not empty and q.is_cuda and not _interpreting():
-        window = window_bounds(mask.window, False, n_q, n_k)
-        sequences = mask.cu_q.shape[0] - 1 if packed else None
-        if hopper.supports(q, k, window, mask.softcap, mask.alibi, sequences, _capability(q.device),
-                           longest=mask.max_q):
-            with _on_device_of(q):                     # allocates its own gradients
-                return hopper.backward(do, q, k, v, o, lse, dlse, window, scale, mask.cu_q, mask.cu_k, mask.max_q,
-                                       mask.max_k)
+    window = _five_product_window(q, k, mask, deterministic)
+    if window is not None:
+        with _on_device_of(q):                         # allocates its own gradients
+            return hopper.backward(do, q, k, v, o, lse, dlse, window, scale, mask.cu_q, mask.cu_k, mask.max_q,
+                                   mask.max_k)
     dq, dk, dv = _empty_out(q, packed), _empty_out(k, packed), _empty_out(v, packed)
-    if empty:
+    if batch == 0 or n_q == 0 or n_k == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     meta = _kernel_meta(q)
     group = n_heads // n_kv_heads

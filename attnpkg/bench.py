@@ -89,14 +89,14 @@ def measure(provider, head_dim, causal, dtype, n, check_against=None, heads=None
     return forward_ms, backward_ms, o
 
 
-MEMORY_PROVIDERS = ("attnpkg", "materialised")
+MEMORY_PROVIDERS = ("attnpkg", "attnpkg-deterministic", "materialised")
 
 
 def measure_memory(provider, n, head_dim=128, heads=16, batch=1, dtype=torch.bfloat16):
     """Peak memory allocated by one forward plus backward pass, beyond the inputs (bytes), or None if it does not fit."""
     import attnpkg
-    fn = (lambda q, k, v: attnpkg.flash_attention(q, k, v, causal=True)) if provider == "attnpkg" else \
-        (lambda q, k, v: attnpkg.reference.attention(q, k, v, causal=True))
+    fn = (lambda q, k, v: attnpkg.reference.attention(q, k, v, causal=True)) if provider == "materialised" else \
+        (lambda q, k, v: _provider(provider)(q, k, v, True))
     q, k, v = (torch.randn(batch, heads, n, head_dim, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3))
     do = torch.randn_like(q)
     torch.cuda.synchronize()
@@ -113,6 +113,16 @@ def measure_memory(provider, n, head_dim=128, heads=16, batch=1, dtype=torch.bfl
         torch.cuda.empty_cache()
 
 
+def backward_pass(provider, n, head_dim=128, heads=16, batch=1, dtype=torch.bfloat16):
+    """The backward pass that ``provider`` runs on the memory runs' shapes: ``attention.backward_pass`` for attnpkg,
+    ``"autograd"`` for the materialised reference."""
+    if provider == "materialised":
+        return "autograd"
+    from attnpkg.attention import backward_pass as chosen
+    q = torch.empty(batch, heads, n, head_dim, device="cuda", dtype=dtype)
+    return chosen(q, q, causal=True, deterministic=provider == "attnpkg-deterministic")
+
+
 def run_memory(out_dir, lengths=(1024, 2048, 4096, 8192, 16384)):
     for provider in MEMORY_PROVIDERS:      # warm-up: cuBLAS allocates its workspace on first use
         measure_memory(provider, 256)
@@ -121,9 +131,11 @@ def run_memory(out_dir, lengths=(1024, 2048, 4096, 8192, 16384)):
         for provider in MEMORY_PROVIDERS:
             peak = measure_memory(provider, n)
             rows.append(dict(n=n, head_dim=128, heads=16, batch=1, dtype="bf16", causal=True, provider=provider,
-                             peak_bytes=peak))
-        print(f"memory N={n:<6} " + "  ".join(f"{r['provider']} {r['peak_bytes'] / 2**20:9.1f} MiB" if r["peak_bytes"]
-                                             else f"{r['provider']} out of memory" for r in rows[-2:]), flush=True)
+                             backward=backward_pass(provider, n), peak_bytes=peak))
+        print(f"memory N={n:<6} " + "  ".join(
+            f"{r['provider']} ({r['backward']}) " + (f"{r['peak_bytes'] / 2**20:9.1f} MiB" if r["peak_bytes"]
+                                                     else "out of memory") for r in rows[-len(MEMORY_PROVIDERS):]),
+            flush=True)
     print(f"wrote {write_record(out_dir, 'memory.csv', rows)}")
     return rows
 

@@ -296,3 +296,20 @@ def test_gluon_kernel_is_launched_directly_after_its_first_call(monkeypatch):
     for name in ("dk", "dv"):
         assert torch.equal(direct[name], through_triton[name]) and torch.equal(first[name], direct[name])
     torch.testing.assert_close(direct["dq"], through_triton["dq"], atol=2e-2, rtol=1e-2)
+
+
+def test_backward_pass_names_the_two_kernel_pass_off_hopper():
+    q = torch.empty(1, 2, 64, 128)
+    assert attention.backward_pass(q, q, causal=True, deterministic=False) == "two-kernel"
+    assert attention.backward_pass(q, q, deterministic=True) == "two-kernel"
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_backward_pass_names_the_pass_that_runs(monkeypatch, deterministic):
+    calls = _taken(monkeypatch)
+    q, k, v = (torch.randn(1, 4, 256, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    named = attention.backward_pass(q, k, causal=True, deterministic=deterministic)
+    attnpkg.flash_attention(q, k, v, causal=True, deterministic=deterministic).sum().backward()
+    assert named == ("two-kernel" if deterministic else "five-product") == ("five-product" if calls else "two-kernel")
