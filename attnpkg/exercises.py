@@ -25,7 +25,7 @@ from .check import Finding, Report, _quiet, describe_mismatch, max_error, refere
 __all__ = ["softmax_backward", "logsumexp", "matmul_backward", "linear_backward", "attention_backward",
            "causal_mask", "split_heads", "projection_weight_gradient", "online_update", "merge_partials",
            "forward_tile", "descriptor_origin", "delta", "dq_tile", "start_values", "attention_flops",
-           "causal_tile_fraction", "window_mask", "softcap_backward", "pair_index", "ring_merge", "causal_work"]
+           "causal_tile_fraction", "five_product_memory", "window_mask", "softcap_backward", "pair_index", "ring_merge", "causal_work"]
 
 f64 = torch.float64
 LOG2E = 1.4426950408889634
@@ -529,6 +529,31 @@ def causal_tile_fraction(fn):
                               torch.tensor((n + 1) / (2 * n)))]}
         cases.append((f"N = {n}, tiles of {block}", (n, block), (want,), alts))
     return _grade("causal_tile_fraction", fn, cases, ["fraction"])
+
+
+def five_product_memory(fn):
+    """``fn(b, h, n, d, e)``: peak bytes of one forward plus backward pass beyond the inputs when the backward pass is
+    attnpkg.hopper's five-product kernel (eq-speed-mem-five): O and the lse of the forward pass; two float32 start
+    values per row, written per tile of ``hopper.BLOCK_M`` rows; the float32 dQ buffer; dK, dV; dQ cast from it."""
+    from . import hopper
+    tile = hopper.BLOCK_M
+    cases = []
+    for b, h, n, d, e in ((1, 16, 4096, 128, 2), (2, 4, 1000, 64, 2), (1, 2, 100, 128, 4)):
+        tiles = -(-n // tile)
+        rows = b * h * n
+        want = torch.tensor(float(rows * (4 * d * e + 4 * d + 4) + b * h * tiles * tile * 8))
+        alts = {"bytes": [
+            ("that is the two-kernel pass, BHN(4de + 12): the five-product pass adds a float32 dQ buffer of 4d bytes "
+             "per row", torch.tensor(float(rows * (4 * d * e + 12)))),
+            ("the dQ buffer is float32 (4 bytes per element), whatever the inputs' dtype",
+             torch.tensor(float(rows * (5 * d * e + 4) + b * h * tiles * tile * 8))),
+            ("dQ in the inputs' dtype is cast from the buffer while the buffer is still alive: count both",
+             torch.tensor(float(rows * (3 * d * e + 4 * d + 4) + b * h * tiles * tile * 8))),
+            ("the start values are written per tile of 64 rows, so a length that is not a multiple of 64 pays for "
+             "a whole last tile", torch.tensor(float(rows * (4 * d * e + 4 * d + 12)))),
+        ]}
+        cases.append((f"B = {b}, H = {h}, N = {n}, d = {d}, e = {e}", (b, h, n, d, e), (want,), alts))
+    return _grade("five_product_memory", fn, cases, ["bytes"], atol=0.0)
 
 
 # ---------------------------------------------------------------------------------------------------

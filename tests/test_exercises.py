@@ -306,6 +306,31 @@ def test_attention_flops():
     assert_rejects(exercises.attention_flops(lambda b, h, nq, nk, dk, dv: 2 * b * h * nq * nk * dk), "only S = Q K^T counted")
 
 
+def _five_product_bytes(b, h, n, d, e):
+    return b * h * (n * (4 * d * e + 4 * d + 4) + -(-n // 64) * 64 * 8)
+
+
+def test_five_product_memory():
+    assert exercises.five_product_memory(_five_product_bytes).ok
+    assert_rejects(exercises.five_product_memory(lambda b, h, n, d, e: b * h * n * (4 * d * e + 12)), "two-kernel pass")
+    assert_rejects(exercises.five_product_memory(lambda b, h, n, d, e: b * h * n * (4 * d * e + 4 * d + 12)),
+                   "whole last tile")
+    assert_rejects(exercises.five_product_memory(
+        lambda b, h, n, d, e: _five_product_bytes(b, h, n, d, e) - b * h * n * d * e), "still alive")
+
+
+def test_five_product_memory_matches_the_recorded_peaks():
+    """The answer the checker accepts is what the five-product pass allocated on the GPU (the committed record)."""
+    import csv
+    from pathlib import Path
+    rows = list(csv.DictReader(open(Path(__file__).parent.parent / "benchmarks/h200/record/memory.csv")))
+    five = [r for r in rows if r["backward"] == "five-product"]
+    assert five
+    for r in five:
+        got = _five_product_bytes(int(r["batch"]), int(r["heads"]), int(r["n"]), int(r["head_dim"]), 2)
+        assert got == int(r["peak_bytes"]), r
+
+
 def test_causal_tile_fraction():
     assert exercises.causal_tile_fraction(lambda n, block: (n // block + 1) / (2 * (n // block))).ok
     assert_rejects(exercises.causal_tile_fraction(lambda n, block: 0.5), "limit for many tiles")
