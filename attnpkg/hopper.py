@@ -11,7 +11,7 @@ It is chosen only where it was tested (:func:`supports`): a Hopper GPU (compute 
 version it was written against (Gluon's interface changes from one release to the next), head dim 128 (at 64 it was
 not faster), float16 or bfloat16, dense batches and packed sequences (``flash_attention_varlen``), any band of
 :mod:`attnpkg.masks` (no mask, causal, sliding windows) without a soft cap or ALiBi, at every size: launched like
-the portable kernels (:mod:`attnpkg.launch`), it costs the host no more than they do. Everything else, and the book's
+the portable kernels (``attnpkg/launch.py``), it costs the host no more than they do. Everything else, and the book's
 CPU runs, take the portable pass.
 """
 import functools
