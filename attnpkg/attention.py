@@ -328,9 +328,10 @@ def backward_impl(do, q, k, v, o, lse, dlse, causal, scale: float, deterministic
     Two kernels: one per key tile for dK and dV, one per query tile for dQ, each recomputing S and
     dP (7 matrix products per tile pair), every sum in a fixed order. With ``deterministic=False``,
     where :mod:`attnpkg.hopper` was tested (a Hopper GPU, its Triton version, head dim 128, dense or
-    packed inputs without a soft cap or ALiBi), its Gluon kernel instead: 5 products per tile pair, dQ summed by float32 bulk reductions whose order varies from
-    run to run. With ``FUSED_BACKWARD`` and ``deterministic=False`` elsewhere: the dK/dV kernel alone
-    computes S, P, dP and dS once and adds its share of dQ by atomic adds."""
+    packed inputs without a soft cap or ALiBi), its Gluon kernel instead: 5 products per tile pair, dQ
+    summed by float32 bulk reductions whose order varies from run to run. With ``FUSED_BACKWARD`` and
+    ``deterministic=False`` elsewhere: the dK/dV kernel alone computes S, P, dP and dS once and adds its
+    share of dQ by atomic adds."""
     mask = _as_mask(causal)
     packed = mask.cu_q is not None
     batch, n_heads, n_q, head_dim = q.shape

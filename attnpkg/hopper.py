@@ -72,7 +72,7 @@ def _aligned(x):
 @functools.lru_cache(maxsize=None)
 def _layout(block, d, dtype):
     """The shared-memory layout of a descriptor's block: swizzled ``[block, d]`` tiles of ``dtype``, or (``d`` = 0)
-    a flat run of ``block`` float32 start values. Built once per kind (Gluon's default costs about 10 us a call)."""
+    a flat run of ``block`` float32 start values. Built once per kind: Gluon's default took 13.5 us a call on a CPU."""
     from triton.experimental.gluon import language as gl
 
     if d == 0:
