@@ -25,7 +25,8 @@ from .check import Finding, Report, _quiet, describe_mismatch, max_error, refere
 __all__ = ["softmax_backward", "logsumexp", "matmul_backward", "linear_backward", "attention_backward",
            "causal_mask", "split_heads", "projection_weight_gradient", "online_update", "merge_partials",
            "forward_tile", "descriptor_origin", "delta", "dq_tile", "start_values", "attention_flops",
-           "causal_tile_fraction", "five_product_memory", "window_mask", "softcap_backward", "pair_index", "ring_merge", "causal_work"]
+           "causal_tile_fraction", "five_product_memory", "window_mask", "softcap_backward", "pair_index",
+           "ring_merge", "causal_work"]
 
 f64 = torch.float64
 LOG2E = 1.4426950408889634

@@ -10,9 +10,10 @@ A compiled kernel may only serve arguments that Triton would have specialized th
 Triton looks at the values of integer arguments (1, divisible by 16, range) and at the dtype and
 16-byte alignment of tensors. So the key holds the scalar arguments themselves, the dtype and
 address modulo 16 of each tensor (and of the base of each tensor descriptor, with its shape,
-strides, block shape and, for Gluon's descriptors, shared-memory layout), the constexprs, the launch options and the device. A call that differs
-in any of them takes Triton's own path once and gets its own entry: a training loop, which calls
-with the same shapes every step, pays Triton's path once per shape.
+strides, block shape and, for Gluon's descriptors, shared-memory layout), the constexprs, the
+launch options and the device. A call that differs in any of them takes Triton's own path once
+and gets its own entry: a training loop, which calls with the same shapes every step, pays
+Triton's path once per shape.
 
 The direct call uses Triton's launcher interface (``CompiledKernel.run``), which is internal. If
 it is missing or answers differently (another Triton version), if a launch hook is installed (a

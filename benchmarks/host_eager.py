@@ -11,7 +11,7 @@ from attnpkg import bench, hopper
 
 print(torch.cuda.get_device_name(), torch.__version__, flush=True)
 rows = {}
-for rnd in range(6):
+for _ in range(6):
     for n in (512, 1024, 2048):
         for causal in (True, False):
             for name, enabled in (("gluon", True), ("two-kernel", False)):
@@ -24,6 +24,6 @@ for n in (512, 1024, 2048):
     for causal in (True, False):
         out = []
         for name in ("gluon", "two-kernel"):
-            e = [x[0] for x in rows[(n, causal, name)]]; g = [x[1] for x in rows[(n, causal, name)]]
+            e, g = zip(*rows[(n, causal, name)])          # eager, graph
             out.append(f"{name} {statistics.median(e):.3f} ({min(e):.3f}..{max(e):.3f}) | {statistics.median(g):.3f}")
         print(f"N={n:<5} {'causal' if causal else 'full  '} " + "   ".join(out), flush=True)
