@@ -26,7 +26,7 @@ __all__ = ["softmax_backward", "logsumexp", "matmul_backward", "linear_backward"
            "causal_mask", "split_heads", "projection_weight_gradient", "online_update", "merge_partials",
            "forward_tile", "descriptor_origin", "delta", "dq_tile", "start_values", "attention_flops",
            "causal_tile_fraction", "five_product_memory", "window_mask", "softcap_backward", "pair_index",
-           "ring_merge", "causal_work"]
+           "window_tiles", "ring_merge", "causal_work"]
 
 f64 = torch.float64
 LOG2E = 1.4426950408889634
@@ -647,6 +647,30 @@ def pair_index(fn):
         cases.append((f"{label}: lengths {lengths}, {heads} heads, block {block}", (cu, heads, block),
                       (_pair_index(cu, heads, block),), alts))
     return _grade("pair_index", fn, cases, ["index"])
+
+
+def window_tiles(fn):
+    """``fn(n, w, block)``: the key tiles the forward kernel visits for one (batch, head) of a causal sliding window of
+    ``w`` keys (``window_size = (w - 1, 0)``, ``N_q = N_k = n``), with square tiles of ``block``; ``n`` and ``w`` are
+    multiples of ``block``. The right answer is read off the kernels' own schedule (``masks.tile_classes``)."""
+    from . import masks
+    cases = []
+    for n, w, block in ((512, 128, 64), (1024, 256, 128), (768, 768, 64), (2048, 512, 128)):
+        classes = masks.tile_classes(n, n, block, block, window_size=(w - 1, 0))
+        want = torch.tensor(float((classes != masks.EMPTY).sum()))
+        t, big_w = n // block, w // block
+        rows = torch.arange(t, dtype=f64)
+        alts = {"tiles": [
+            ("the first query tiles have fewer keys to their left: query tile t visits min(t, w / block) + 1 tiles, "
+             "not w / block + 1 from the start", torch.tensor(t * (big_w + 1.0))),
+            ("a window of w keys that ends on a query's own key starts inside a tile: it touches w / block + 1 key "
+             "tiles, one more than its length in tiles", torch.minimum(rows + 1, torch.tensor(float(big_w))).sum()),
+            ("that is the causal count: the window's left edge stops each query tile w / block tiles back",
+             torch.tensor(t * (t + 1) / 2.0)),
+            ("N w / block^2 is the window's area in tiles; the tiles its two edges cut are visited too",
+             torch.tensor(float(t * big_w)))]}
+        cases.append((f"N = {n}, w = {w}, tiles of {block}", (n, w, block), (want,), alts))
+    return _grade("window_tiles", fn, cases, ["tiles"], atol=0.0)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -375,6 +375,27 @@ def test_softcap_backward():
     assert_rejects(exercises.softcap_backward(lambda s, g, c: g * (1 - torch.tanh(s / c))), "tanh is not squared")
 
 
+def _window_tiles(n, w, block):
+    t, big_w = n // block, w // block
+    return sum(min(i, big_w) + 1 for i in range(t))      # query tile i visits min(i, w / block) + 1 key tiles
+
+
+def test_window_tiles():
+    assert exercises.window_tiles(_window_tiles).ok
+    assert_rejects(exercises.window_tiles(lambda n, w, b: (n // b) * (w // b + 1)), "fewer keys to their left")
+    assert_rejects(exercises.window_tiles(lambda n, w, b: sum(min(i + 1, w // b) for i in range(n // b))),
+                   "one more than its length in tiles")
+    assert_rejects(exercises.window_tiles(lambda n, w, b: (n // b) * (n // b + 1) // 2), "the causal count")
+    assert_rejects(exercises.window_tiles(lambda n, w, b: (n // b) * (w // b)), "window's area in tiles")
+
+
+def test_window_tiles_counts_the_record_cases_as_the_schedule_does():
+    """The closed form the checker accepts is the kernels' schedule at the record's shape (N = 16k, w = 4096)."""
+    from attnpkg import masks
+    classes = masks.tile_classes(16384, 16384, 128, 128, window_size=(4095, 0))
+    assert _window_tiles(16384, 4096, 128) == int((classes != masks.EMPTY).sum()) == 3696
+
+
 # Chapter 9 -------------------------------------------------------------------------------------------
 
 def _ring_merge(parts, *, update_lse=True, guard=True):
