@@ -20,11 +20,11 @@ import attnpkg
 from attnpkg.bench import DTYPES, attention_flops, heads_for, parse_case
 
 
-def load_base(path):
-    spec = importlib.util.spec_from_file_location("attnpkg_base", f"{path}/__init__.py",
-                                                  submodule_search_locations=[path])
+def load_base(path, name="attnpkg_base"):
+    """The package at ``path`` imported as ``name``, with its own kernels, beside this tree's ``attnpkg``."""
+    spec = importlib.util.spec_from_file_location(name, f"{path}/__init__.py", submodule_search_locations=[path])
     module = importlib.util.module_from_spec(spec)
-    sys.modules["attnpkg_base"] = module
+    sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
 

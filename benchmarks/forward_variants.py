@@ -10,27 +10,16 @@ first variant's; each time is the best median of ``--rounds`` interleaved rounds
 and, in brackets, relative to the first variant.
 """
 import argparse
-import importlib.util
-import sys
 
 import torch
 
 import attnpkg
 from attnpkg import attention
-from attnpkg.bench import visible_pairs
+from attnpkg.bench import MASK_CASES, MASK_SHAPE, visible_pairs
+from compare_base import load_base    # benchmarks/, beside this file
 
-MASK_CASES = ("causal", "window-4096", "packed-8x2048", "dense-32x2048")
 DENSE_CASES = ((128, True, 1024), (128, False, 1024), (128, True, 4096), (128, False, 4096), (128, True, 16384),
                (128, False, 16384), (64, True, 1024), (64, False, 1024), (64, True, 16384), (64, False, 16384))
-
-
-def load(path, name):
-    """The package at ``path`` imported as ``name`` (its own kernels, beside this tree's)."""
-    spec = importlib.util.spec_from_file_location(name, f"{path}/__init__.py", submodule_search_locations=[path])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def with_tiles(fn, tiles):
@@ -50,7 +39,7 @@ def with_tiles(fn, tiles):
 
 def mask_case(case, package):
     """(forward of ``package``, visible-pair FLOPs) for one of the mask cases."""
-    batch, heads, n, head_dim = 4, 16, 16384, 128
+    batch, heads, n, head_dim = (MASK_SHAPE[key] for key in ("batch", "heads", "n", "head_dim"))
     if case.startswith("dense-"):
         batch, n = map(int, case.split("-")[1].split("x"))
     packed = case.startswith("packed-")
@@ -88,7 +77,7 @@ def main(argv=None):
     variants = {"tree": (attnpkg, None)} if not args.tiles else {}
     for item in args.package:
         name, path = item.split("=", 1)
-        variants[name] = (load(path, f"attnpkg_{name}"), None)
+        variants[name] = (load_base(path, f"attnpkg_{name}"), None)
     for item in args.tiles:
         m, n, warps, stages, *cap = map(int, item.split(","))
         variants[item] = (attnpkg, attention.Tiles(m, n, warps, stages, tma=True, max_registers=cap[0] if cap else 0))
