@@ -70,35 +70,44 @@ def supports(q, k, window, softcap, alibi, sequences, capability, triton_version
 
 def supports_forward(q, k, v, softcap, alibi, packed, capability, triton_version=triton.__version__) -> bool:
     """Whether the Hopper forward kernel serves this call: the GPU, Triton, head dim and dtype it was tested with,
-    a dense batch (``packed`` False) of contiguous ``(B, H, N, D)`` tensors on 16-byte boundaries (its descriptors
-    read each head as a block of rows), and no soft cap or ALiBi. Any band (no mask, causal, windows)."""
+    no soft cap or ALiBi, and rows its descriptors can read on 16-byte boundaries: contiguous ``(B, H, N, D)``
+    tensors, or (``packed``) ``(1, H, total, D)`` views of contiguous ``(total, H, D)`` ones. Any band."""
+    rows = [x[0].transpose(0, 1) if packed else x for x in (q, k, v)]
     return (FORWARD and capability == TESTED_CAPABILITY and triton_version.startswith(TESTED_TRITON)
             and q.shape[-1] in HEAD_DIMS and q.dtype in (torch.float16, torch.bfloat16)
-            and not softcap and alibi is None and not packed
-            and all(x.is_contiguous() and x.data_ptr() % 16 == 0 for x in (q, k, v))
+            and not softcap and alibi is None
+            and all(x.is_contiguous() and x.data_ptr() % 16 == 0 for x in rows)
             and -(-q.shape[2] // FORWARD_TILES["BLOCK_M"]) * q.shape[0] * q.shape[1] < 2**31)
 
 
-def forward(q, k, v, o, lse, window, scale: float, longest_first: bool):
-    """Fill ``o`` and ``lse`` (contiguous ``(B, Hq, Nq, D)`` and ``(B, Hq, Nq)``) by the Hopper forward kernel; the
-    inputs must pass :func:`supports_forward`. ``window``: ``(left, right)`` as the kernels take them."""
+def forward(q, k, v, o, lse, window, scale: float, longest_first: bool, cu_q=None, cu_k=None, max_q=0, max_k=0):
+    """Fill ``o`` and ``lse`` by the Hopper forward kernel; the inputs must pass :func:`supports_forward`.
+    ``window``: ``(left, right)`` as the kernels take them. Dense: contiguous ``(B, Hq, N, D)`` tensors and lse
+    ``(B, Hq, Nq)``. Packed sequences (``cu_q`` given): ``(1, H, total, D)`` views of ``(total, H, D)`` tensors,
+    lse ``(1, Hq, total_q)``; ``max_q``, ``max_k`` at least the longest sequences."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     from .kernels.hopper_forward import hopper_forward_kernel
 
-    batch, heads, n_q, d = q.shape
+    _, heads, n_q, d = q.shape
     kv_heads, n_k = k.shape[1], k.shape[2]
+    packed = cu_q is not None
     left, right = window
     t = FORWARD_TILES
 
-    def heads_of(x, rows):                        # (B H, N, D): the engine reads zeros past a head's last row
+    def planes(x, rows):
+        """Dense (B, H, N, D) as (B H, N, D); packed (total, H, D) as (H, total, D). The engine reads zeros past a
+        plane's last row."""
         b, h, n, _ = x.shape
-        return TensorDescriptor(x, [b * h, n, d], [n * d, d, 1], [1, rows, d], _layout3(rows, d, x.dtype))
-    launch(hopper_forward_kernel)[(-(-n_q // t["BLOCK_M"]) * batch * heads,)](
-        heads_of(q, t["BLOCK_M"] // 2), heads_of(k, t["BLOCK_N"]), heads_of(v, t["BLOCK_N"]),
-        heads_of(o, t["BLOCK_M"] // 2), lse, n_q, n_k, heads, left, right, scale * LOG2E,
-        GROUP=heads // kv_heads, LONGEST_FIRST=longest_first, LEFT=left < n_q + n_k, RIGHT=right < n_q + n_k,
-        HEAD_D=d, **t, num_warps=4, maxnreg=FORWARD_MAX_REGISTERS)
+        shape, strides = ([h, n, d], [d, h * d, 1]) if packed else ([b * h, n, d], [n * d, d, 1])
+        return TensorDescriptor(x, shape, strides, [1, rows, d], _layout3(rows, d, x.dtype))
+    # The grid spans the longest sequence (packed) for each sequence; an open side of the band is grid_q + grid_k.
+    batch, grid_q, grid_k = (cu_q.shape[0] - 1, max_q, max_k) if packed else (q.shape[0], n_q, n_k)
+    launch(hopper_forward_kernel)[(-(-grid_q // t["BLOCK_M"]) * batch * heads,)](
+        planes(q, t["BLOCK_M"] // 2), planes(k, t["BLOCK_N"]), planes(v, t["BLOCK_N"]), planes(o, t["BLOCK_M"] // 2),
+        o, lse, cu_q if packed else lse, cu_k if packed else lse, grid_q, grid_k, heads, left, right, scale * LOG2E,
+        n_q, GROUP=heads // kv_heads, VARLEN=packed, LONGEST_FIRST=longest_first, LEFT=left < grid_q + grid_k,
+        RIGHT=right < grid_q + grid_k, HEAD_D=d, **t, num_warps=4, maxnreg=FORWARD_MAX_REGISTERS)
     return o, lse
 
 

@@ -18,7 +18,8 @@ def qkv(d=128, dtype=torch.bfloat16, n_q=256, n_k=256):
     (dict(), True),
     (dict(softcap=30.0), False),
     (dict(alibi=torch.ones(2, 4)), False),
-    (dict(packed=True), False),                          # packed sequences: the portable forward
+    (dict(layout="packed", packed=True), True),          # packed sequences: (1, H, total, D) views of (total, H, D)
+    (dict(layout="packed-strided", packed=True), False), # q of a fused (total, 3, H, D) projection
     (dict(d=64), False),
     (dict(d=96), False),
     (dict(dtype=torch.float32), False),
@@ -37,6 +38,10 @@ def test_hopper_forward_is_chosen_only_where_it_was_tested(monkeypatch, change, 
         q = torch.empty(2, 256, 4, 128, dtype=q.dtype).transpose(1, 2)
     elif layout == "misaligned":
         q = torch.empty(q.numel() + 1, dtype=q.dtype)[1:].view(q.shape)
+    elif layout == "packed":
+        q, k, v = (torch.empty(300, h, 128, dtype=q.dtype).transpose(0, 1)[None] for h in (4, 2, 2))
+    elif layout == "packed-strided":
+        q, k, v = (torch.empty(300, 3, h, 128, dtype=q.dtype)[:, 0].transpose(0, 1)[None] for h in (4, 2, 2))
     args = dict(softcap=0.0, alibi=None, packed=False, **TESTED)
     args.update(change)
     assert hopper.supports_forward(q, k, v, **args) is chosen
@@ -151,3 +156,41 @@ def test_hopper_forward_is_launched_directly_and_trains(monkeypatch):
         o = attnpkg.flash_attention(*leaves, causal=True, deterministic=deterministic)
         dq, dk, dv = torch.autograd.grad(o, leaves, do)
         assert_flash_accuracy({"o": o, "dq": dq, "dk": dk, "dv": dv}, q, k, v, do, True)
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("options", [dict(), dict(causal=True), dict(causal=True, window_size=(300, 0)),
+                                     dict(window_size=(37, 5))], ids=str)
+@pytest.mark.parametrize("hq,hkv,extra_keys", [(4, 4, 0), (8, 2, 100), (8, 1, 0)])
+def test_hopper_forward_packed_sequences(monkeypatch, options, hq, hkv, extra_keys):
+    """flash_attention_varlen: ragged lengths, sequences of one token and empty ones, Nq < Nk per sequence; tiles
+    read across into the next sequence's rows, which must add nothing."""
+    from test_varlen import packed
+    from attnpkg import reference
+    calls = _taken(monkeypatch)
+    lengths = [1000, 1, 0, 129, 2048, 64, 777, 0]
+    q, k, v, do, cu_q, cu_k, max_q, max_k = packed(lengths, [n + extra_keys if n else 0 for n in lengths], hq, hkv,
+                                                   128, torch.bfloat16)
+    o, lse = attnpkg.flash_attention_varlen(q, k, v, cu_q, cu_k, max_q, max_k, return_lse=True, **options)
+    assert calls, "the Hopper forward did not run"
+    options = dict(options)
+    causal = options.pop("causal", False)
+    assert_flash_accuracy({"o": o, "lse": lse}, q, k, v, do, causal, fn=reference.attention_varlen,
+                          cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, **options)
+
+
+@pytest.mark.gpu
+@needs_hopper
+def test_no_other_sequence_enters_a_packed_tile(monkeypatch):
+    """Sequence 0's last key tile runs into sequence 1's rows: their scores are masked and their values zeroed,
+    so non-finite keys and values there change nothing."""
+    calls = _taken(monkeypatch)
+    cu = torch.tensor([0, 200, 500], dtype=torch.int32, device="cuda")
+    q, k, v = (torch.randn(500, h, 128, device="cuda", dtype=torch.bfloat16) for h in (4, 2, 2))
+    k[200:260], v[200:260] = float("nan"), float("inf")
+    o = attnpkg.flash_attention_varlen(q, k, v, cu, cu, 300, 300, causal=True)
+    assert calls
+    want = attnpkg.reference.attention(*(x[:200].transpose(0, 1)[None].double() for x in (q, k, v)), causal=True)
+    assert torch.isfinite(o[:200]).all()
+    assert (o[:200].transpose(0, 1)[None].double() - want).abs().max() < 2e-2

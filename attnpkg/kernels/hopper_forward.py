@@ -27,9 +27,13 @@ wait that retires its last read of the slot): before fill f the producer waits o
 a fresh barrier passes at once (f = 0). A consumer arrives for fill f only after fill f landed, which the producer
 issued only after both released fill f - 1, so no consumer can arrive twice in one phase.
 
-Descriptors: Q and O are (B Hq, Nq, D), K and V (B Hkv, Nk, D), copied in boxes of [1, rows, D]: the engine
-reads zeros past a head's last row (so no other head's keys or values enter) and drops rows past it on the store
-of O. ``attnpkg.hopper`` chooses this kernel only where it was tested; Triton's interpreter cannot run it.
+Descriptors. Dense batches: Q and O are (B Hq, Nq, D), K and V (B Hkv, Nk, D), copied in boxes of [1, rows, D]:
+the engine reads zeros past a head's last row (so no other head's keys or values enter) and drops rows past it on
+the store of O. Packed sequences (VARLEN): the (total, H, D) tensors are seen as (H, total, D), one plane per head,
+and sequence b is rows cu[b]:cu[b+1] of each plane. A tile that runs past a sequence reads the next one's rows:
+their scores are masked, the value rows past the sequence are zeroed in shared memory before they are used (a
+non-finite value times p = 0 is NaN), and O is stored by masked pointer stores instead of the engine.
+``attnpkg.hopper`` chooses this kernel only where it was tested; Triton's interpreter cannot run it.
 """
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -48,6 +52,22 @@ def _program_tile(n_q, BLOCK_M: gl.constexpr, LONGEST_FIRST: gl.constexpr):
     if LONGEST_FIRST:
         tile = n_tiles - 1 - tile                 # causal: the longest rows first, the shortest in the last wave
     return tile * BLOCK_M, pid // n_tiles
+
+
+@gluon.jit
+def _sequence(bh, n_q, n_k, n_heads, CU_Q, CU_K, GROUP: gl.constexpr, VARLEN: gl.constexpr):
+    """Where program ``bh`` (= b * Hq + h) finds its rows: ``(q_plane, q_row0, kv_plane, kv_row0, n_q, n_k)``,
+    the descriptor planes and first rows of its queries and keys, and their lengths."""
+    if VARLEN:
+        seq = bh // n_heads
+        head = bh % n_heads
+        q_row0 = gl.load(CU_Q + seq)
+        kv_row0 = gl.load(CU_K + seq)
+        n_q = gl.load(CU_Q + seq + 1) - q_row0
+        n_k = gl.load(CU_K + seq + 1) - kv_row0
+        return head, q_row0, head // GROUP, kv_row0, n_q, n_k
+    kv_plane = (bh // n_heads) * (n_heads // GROUP) + (bh % n_heads) // GROUP
+    return bh, 0, kv_plane, 0, n_q, n_k
 
 
 @gluon.jit
@@ -88,38 +108,39 @@ def _union(start0, stop0, start1, stop1):
 
 # ------------------------------------------------------------------------------------------------ producer
 @gluon.jit
-def _ring_load(desc, head, tile, i, full, empty, smem, STAGES: gl.constexpr, BLOCK_N: gl.constexpr):
-    """Copy key tile ``tile`` of ``head`` into fill i // STAGES of slot i % STAGES, once both consumers freed it."""
+def _ring_load(desc, plane, row0, tile, i, full, empty, smem, STAGES: gl.constexpr, BLOCK_N: gl.constexpr):
+    """Copy key tile ``tile`` (rows from ``row0`` of ``plane``) into fill i // STAGES of slot i % STAGES, once both
+    consumers freed it."""
     s = i % STAGES
     mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)
     mbarrier.expect(full.index(s), desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(desc, [head, tile * BLOCK_N, 0], full.index(s), smem.index(s))
+    tma.async_copy_global_to_shared(desc, [plane, row0 + tile * BLOCK_N, 0], full.index(s), smem.index(s))
 
 
 @gluon.jit
-def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, n_q, n_k, n_heads, left, right,
-              GROUP: gl.constexpr, LONGEST_FIRST: gl.constexpr, LEFT: gl.constexpr, RIGHT: gl.constexpr,
-              BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+def _producer(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, CU_Q, CU_K, n_q, n_k, n_heads, left, right,
+              GROUP: gl.constexpr, VARLEN: gl.constexpr, LONGEST_FIRST: gl.constexpr, LEFT: gl.constexpr,
+              RIGHT: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
     """One warp: Q's two halves, then K_0 and, for each tile i, K_{i+1} before V_i (the order the consumers use)."""
     q_bars, k_full, k_empty, v_full, v_empty = bars
     HALF_M: gl.constexpr = BLOCK_M // 2
     start_m, bh = _program_tile(n_q, BLOCK_M, LONGEST_FIRST)
-    kv_head = (bh // n_heads) * (n_heads // GROUP) + (bh % n_heads) // GROUP
+    q_plane, q_row0, kv_plane, kv_row0, n_q, n_k = _sequence(bh, n_q, n_k, n_heads, CU_Q, CU_K, GROUP, VARLEN)
     s0, _a0, _b0, e0 = _band_tiles(start_m, n_q, n_k, left, right, HALF_M, BLOCK_N, LEFT, RIGHT)
     s1, _a1, _b1, e1 = _band_tiles(start_m + HALF_M, n_q, n_k, left, right, HALF_M, BLOCK_N, LEFT, RIGHT)
     lo, hi = _union(s0, e0, s1, e1)
     for h in gl.static_range(2):
         has_rows = start_m + h * HALF_M < n_q
         mbarrier.expect(q_bars.index(h), q_desc.block_type.nbytes, pred=has_rows)
-        tma.async_copy_global_to_shared(q_desc, [bh, start_m + h * HALF_M, 0], q_bars.index(h), q_smem.index(h),
-                                        pred=has_rows)
+        tma.async_copy_global_to_shared(q_desc, [q_plane, q_row0 + start_m + h * HALF_M, 0], q_bars.index(h),
+                                        q_smem.index(h), pred=has_rows)
     n = hi - lo
     if n > 0:
-        _ring_load(k_desc, kv_head, lo, 0, k_full, k_empty, k_smem, STAGES, BLOCK_N)
+        _ring_load(k_desc, kv_plane, kv_row0, lo, 0, k_full, k_empty, k_smem, STAGES, BLOCK_N)
     for i in range(n):
         if i + 1 < n:
-            _ring_load(k_desc, kv_head, lo + i + 1, i + 1, k_full, k_empty, k_smem, STAGES, BLOCK_N)
-        _ring_load(v_desc, kv_head, lo + i, i, v_full, v_empty, v_smem, STAGES, BLOCK_N)
+            _ring_load(k_desc, kv_plane, kv_row0, lo + i + 1, i + 1, k_full, k_empty, k_smem, STAGES, BLOCK_N)
+        _ring_load(v_desc, kv_plane, kv_row0, lo + i, i, v_full, v_empty, v_smem, STAGES, BLOCK_N)
 
 
 # ------------------------------------------------------------------------------------------------ consumers
@@ -148,6 +169,20 @@ def _release(full, empty, i, STAGES: gl.constexpr):
     """Free fill i of a ring unread (a tile the other half needs and this one does not)."""
     mbarrier.wait(full.index(i % STAGES), (i // STAGES) & 1)
     mbarrier.arrive(empty.index(i % STAGES))
+
+
+@gluon.jit
+def _zero_rows_from(tile, first_zero, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr):
+    """Zero rows [first_zero, BLOCK_N) of a value tile in shared memory, in two 64-row halves, and make the stores
+    visible to the tensor cores. Both consumers may zero the same tile at once: they write the same zeros."""
+    layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+    for half in gl.static_range(2):
+        part = tile.slice(half * 64, 64)
+        rows = half * 64 + gl.arange(0, 64, gl.SliceLayout(1, layout))
+        x = part.load(layout)
+        part.store(gl.where(rows[:, None] < first_zero, x, gl.zeros_like(x)))
+    fence_async_shared()
+    gl.thread_barrier()                                            # this partition's 4 warps
 
 
 @gluon.jit
@@ -183,8 +218,9 @@ def _step(t, lo, o, m_i, l_i, p_op, q_tile, k_smem, v_smem, k_full, k_empty, v_f
 
 
 @gluon.jit
-def _consumer(HALF: gl.constexpr, q_smem, pin_smem, k_smem, v_smem, bars, o_desc, LSE, n_q, n_k, left, right,
-              qk_scale, LONGEST_FIRST: gl.constexpr, LEFT: gl.constexpr, RIGHT: gl.constexpr, BLOCK_M: gl.constexpr,
+def _consumer(HALF: gl.constexpr, q_smem, pin_smem, k_smem, v_smem, bars, o_desc, O, LSE, CU_Q, CU_K, n_q, n_k,
+              n_heads, left, right, qk_scale, lse_head_stride, GROUP: gl.constexpr, VARLEN: gl.constexpr,
+              LONGEST_FIRST: gl.constexpr, LEFT: gl.constexpr, RIGHT: gl.constexpr, BLOCK_M: gl.constexpr,
               BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr):
     """Query rows [start_m + 64 HALF, start_m + 64 HALF + 64) of the program's tile: one warpgroup."""
     q_bars, k_full, k_empty, v_full, v_empty = bars
@@ -198,6 +234,7 @@ def _consumer(HALF: gl.constexpr, q_smem, pin_smem, k_smem, v_smem, bars, o_desc
     row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
 
     start_m, bh = _program_tile(n_q, BLOCK_M, LONGEST_FIRST)
+    q_plane, q_row0, _kv_plane, _kv_row0, n_q, n_k = _sequence(bh, n_q, n_k, n_heads, CU_Q, CU_K, GROUP, VARLEN)
     start_h = start_m + HALF * HALF_M
     start, full_lo, full_hi, stop = _band_tiles(start_h, n_q, n_k, left, right, HALF_M, BLOCK_N, LEFT, RIGHT)
     s_other, _a, _b, e_other = _band_tiles(start_m + (1 - HALF) * HALF_M, n_q, n_k, left, right, HALF_M, BLOCK_N,
@@ -250,6 +287,10 @@ def _consumer(HALF: gl.constexpr, q_smem, pin_smem, k_smem, v_smem, bars, o_desc
         last = stop - 1 - lo
         vs = last % STAGES
         mbarrier.wait(v_full.index(vs), (last // STAGES) & 1)
+        if VARLEN:                          # only the last tile can run past the sequence's keys
+            if stop * BLOCK_N > n_k:
+                _zero_rows_from(v_smem.index(vs).reshape([BLOCK_N, HEAD_D]), n_k - (stop - 1) * BLOCK_N, BLOCK_N,
+                                HEAD_D)
         o_tok = warpgroup_mma(p_op, v_smem.index(vs).reshape([BLOCK_N, HEAD_D]), o, is_async=True)
         o, p_op = warpgroup_mma_wait(num_outstanding=0, deps=[o_tok, p_op])
         mbarrier.arrive(v_empty.index(vs))
@@ -261,41 +302,55 @@ def _consumer(HALF: gl.constexpr, q_smem, pin_smem, k_smem, v_smem, bars, o_desc
     l_safe = gl.where(l_i == 0.0, 1.0, l_i)
     o = o * gl.convert_layout(1.0 / l_safe, gl.SliceLayout(1, o_layout))[:, None]
     lse = gl.where(l_i == 0.0, float("-inf"), (m_i + gl.log2(l_safe)) * LN2)
-    gl.store(LSE + bh.to(gl.int64) * n_q + rows, lse, mask=rows < n_q)
-    if has_rows:
-        # O goes through this half's Q slot (its products have retired) and out by TMA (rows past Nq dropped).
-        o_smem = q_smem.index(HALF)
-        o_smem.reshape([HALF_M, HEAD_D]).store(o.to(dtype))
-        fence_async_shared()
-        gl.thread_barrier()                                        # this partition's 4 warps only
-        tma.async_copy_shared_to_global(o_desc, [bh, start_h, 0], o_smem)
-        tma.store_wait(0)
+    if VARLEN:                              # LSE: (Hq, total_q); O: (total_q, Hq, D), by masked pointer stores
+        gl.store(LSE + q_plane.to(gl.int64) * lse_head_stride + q_row0 + rows, lse, mask=rows < n_q)
+        o_rows = gl.arange(0, HALF_M, gl.SliceLayout(1, o_layout))
+        o_cols = gl.arange(0, HEAD_D, gl.SliceLayout(0, o_layout))
+        offsets = ((q_row0 + start_h + o_rows).to(gl.int64)[:, None] * (n_heads * HEAD_D) + q_plane * HEAD_D
+                   + o_cols[None, :])
+        gl.store(O + offsets, o.to(dtype), mask=(start_h + o_rows)[:, None] < n_q)
+    else:
+        gl.store(LSE + bh.to(gl.int64) * n_q + rows, lse, mask=rows < n_q)
+        if has_rows:
+            # O goes through this half's Q slot (its products have retired) and out by TMA (rows past Nq dropped).
+            o_smem = q_smem.index(HALF)
+            o_smem.reshape([HALF_M, HEAD_D]).store(o.to(dtype))
+            fence_async_shared()
+            gl.thread_barrier()                                        # this partition's 4 warps only
+            tma.async_copy_shared_to_global(o_desc, [q_plane, start_h, 0], o_smem)
+            tma.store_wait(0)
 
 
 @gluon.jit
-def _consumer0(q_smem, pin_smem, k_smem, v_smem, bars, o_desc, LSE, n_q, n_k, left, right, qk_scale,
-               LONGEST_FIRST: gl.constexpr, LEFT: gl.constexpr, RIGHT: gl.constexpr, BLOCK_M: gl.constexpr,
-               BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr):
-    _consumer(0, q_smem, pin_smem, k_smem, v_smem, bars, o_desc, LSE, n_q, n_k, left, right, qk_scale,
-              LONGEST_FIRST, LEFT, RIGHT, BLOCK_M, BLOCK_N, HEAD_D, STAGES)
+def _consumer0(q_smem, pin_smem, k_smem, v_smem, bars, o_desc, O, LSE, CU_Q, CU_K, n_q, n_k, n_heads, left, right,
+               qk_scale, lse_head_stride, GROUP: gl.constexpr, VARLEN: gl.constexpr, LONGEST_FIRST: gl.constexpr,
+               LEFT: gl.constexpr, RIGHT: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+               HEAD_D: gl.constexpr, STAGES: gl.constexpr):
+    _consumer(0, q_smem, pin_smem, k_smem, v_smem, bars, o_desc, O, LSE, CU_Q, CU_K, n_q, n_k, n_heads, left, right,
+              qk_scale, lse_head_stride, GROUP, VARLEN, LONGEST_FIRST, LEFT, RIGHT, BLOCK_M, BLOCK_N, HEAD_D, STAGES)
 
 
 @gluon.jit
-def _consumer1(q_smem, pin_smem, k_smem, v_smem, bars, o_desc, LSE, n_q, n_k, left, right, qk_scale,
-               LONGEST_FIRST: gl.constexpr, LEFT: gl.constexpr, RIGHT: gl.constexpr, BLOCK_M: gl.constexpr,
-               BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr):
-    _consumer(1, q_smem, pin_smem, k_smem, v_smem, bars, o_desc, LSE, n_q, n_k, left, right, qk_scale,
-              LONGEST_FIRST, LEFT, RIGHT, BLOCK_M, BLOCK_N, HEAD_D, STAGES)
+def _consumer1(q_smem, pin_smem, k_smem, v_smem, bars, o_desc, O, LSE, CU_Q, CU_K, n_q, n_k, n_heads, left, right,
+               qk_scale, lse_head_stride, GROUP: gl.constexpr, VARLEN: gl.constexpr, LONGEST_FIRST: gl.constexpr,
+               LEFT: gl.constexpr, RIGHT: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+               HEAD_D: gl.constexpr, STAGES: gl.constexpr):
+    _consumer(1, q_smem, pin_smem, k_smem, v_smem, bars, o_desc, O, LSE, CU_Q, CU_K, n_q, n_k, n_heads, left, right,
+              qk_scale, lse_head_stride, GROUP, VARLEN, LONGEST_FIRST, LEFT, RIGHT, BLOCK_M, BLOCK_N, HEAD_D, STAGES)
 
 
-@gluon.jit(do_not_specialize=["n_q", "n_k", "n_heads", "left", "right"])
-def hopper_forward_kernel(q_desc, k_desc, v_desc, o_desc, LSE, n_q, n_k, n_heads, left, right, qk_scale,
-                          GROUP: gl.constexpr, LONGEST_FIRST: gl.constexpr, LEFT: gl.constexpr, RIGHT: gl.constexpr,
-                          BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr,
-                          CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr):
+@gluon.jit(do_not_specialize=["n_q", "n_k", "n_heads", "left", "right", "lse_head_stride"])
+def hopper_forward_kernel(q_desc, k_desc, v_desc, o_desc, O, LSE, CU_Q, CU_K, n_q, n_k, n_heads, left, right, qk_scale,
+                          lse_head_stride, GROUP: gl.constexpr, VARLEN: gl.constexpr, LONGEST_FIRST: gl.constexpr,
+                          LEFT: gl.constexpr, RIGHT: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                          HEAD_D: gl.constexpr, STAGES: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                          PRODUCER_REGS: gl.constexpr, num_warps: gl.constexpr):
     """Grid: (cdiv(Nq, BLOCK_M) * B * Hq,). q_desc, o_desc: (B Hq, Nq, D) in [1, BLOCK_M / 2, D] boxes; k_desc,
     v_desc: (B Hkv, Nk, D) in [1, BLOCK_N, D] boxes; LSE: (B, Hq, Nq) float32; qk_scale = scale * log2(e);
-    ``left``, ``right``: the band as the kernels take it (LEFT, RIGHT: whether that edge exists)."""
+    ``left``, ``right``: the band as the kernels take it (LEFT, RIGHT: whether that edge exists).
+    VARLEN: the descriptors are (H, total, D) planes, B is the number of sequences, n_q and n_k the longest ones'
+    lengths (the grid), CU_Q and CU_K the int32 prefix sums; O (total_q, Hq, D) is written through its pointer,
+    LSE is (Hq, total_q) with rows ``lse_head_stride`` apart."""
     gl.static_assert(num_warps == 4, "the default partition is one consumer warpgroup")
     gl.static_assert(STAGES >= 2, "the K and V rings need two slots at least")
     dtype: gl.constexpr = q_desc.dtype
@@ -320,10 +375,12 @@ def hopper_forward_kernel(q_desc, k_desc, v_desc, o_desc, LSE, n_q, n_k, n_heads
     gl.thread_barrier()                               # the barriers exist before the partitions fork
     bars = (q_bars, k_full, k_empty, v_full, v_empty)
     gl.warp_specialize([
-        (_consumer0, (q_smem, pin_smem, k_smem, v_smem, bars, o_desc, LSE, n_q, n_k, left, right, qk_scale,
-                      LONGEST_FIRST, LEFT, RIGHT, BLOCK_M, BLOCK_N, HEAD_D, STAGES)),     # default partition
-        (_consumer1, (q_smem, pin_smem, k_smem, v_smem, bars, o_desc, LSE, n_q, n_k, left, right, qk_scale,
-                      LONGEST_FIRST, LEFT, RIGHT, BLOCK_M, BLOCK_N, HEAD_D, STAGES)),     # worker: 4 warps
-        (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, n_q, n_k, n_heads, left, right, GROUP,
-                     LONGEST_FIRST, LEFT, RIGHT, BLOCK_M, BLOCK_N, STAGES)),               # worker: 1 warp
+        (_consumer0, (q_smem, pin_smem, k_smem, v_smem, bars, o_desc, O, LSE, CU_Q, CU_K, n_q, n_k, n_heads, left, right,
+                      qk_scale, lse_head_stride, GROUP, VARLEN, LONGEST_FIRST, LEFT, RIGHT, BLOCK_M, BLOCK_N, HEAD_D,
+                      STAGES)),       # default partition
+        (_consumer1, (q_smem, pin_smem, k_smem, v_smem, bars, o_desc, O, LSE, CU_Q, CU_K, n_q, n_k, n_heads, left, right,
+                      qk_scale, lse_head_stride, GROUP, VARLEN, LONGEST_FIRST, LEFT, RIGHT, BLOCK_M, BLOCK_N, HEAD_D,
+                      STAGES)),       # worker: 4 warps
+        (_producer, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, CU_Q, CU_K, n_q, n_k, n_heads, left,
+                     right, GROUP, VARLEN, LONGEST_FIRST, LEFT, RIGHT, BLOCK_M, BLOCK_N, STAGES)),  # worker: 1 warp
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
