@@ -26,7 +26,7 @@ __all__ = ["softmax_backward", "logsumexp", "matmul_backward", "linear_backward"
            "causal_mask", "split_heads", "projection_weight_gradient", "online_update", "merge_partials",
            "forward_tile", "descriptor_origin", "delta", "dq_tile", "start_values", "attention_flops",
            "causal_tile_fraction", "five_product_memory", "window_mask", "softcap_backward", "pair_index",
-           "window_tiles", "ring_merge", "causal_work"]
+           "window_tiles", "ring_merge", "causal_work", "ring_waits"]
 
 f64 = torch.float64
 LOG2E = 1.4426950408889634
@@ -389,6 +389,48 @@ def descriptor_origin(fn):
         cases.append((f"{label}, b = {b}, h = {h}", args, (torch.tensor(float(row)), torch.tensor(float(col))),
                       alts))
     return _grade("descriptor_origin", fn, cases, ["row", "column"])
+
+
+def ring_waits(fn):
+    """``fn(i, stages)``: for the i-th key tile a program loads into a ring of ``stages`` shared-memory slots (chapter 5,
+    the warp-specialized forward), ``(slot, consumer_parity, producer_parity)``: the slot it lands in, the parity a
+    consumer waits on (``full``) before reading it, and the parity the producer waits on (``empty``) before copying it.
+    The right answer is read off a model of the barriers: each completes one phase per fill (``full``: the copy landed;
+    ``empty``: both consumers released the fill), a fresh barrier counts as having completed a phase of parity 1, and a
+    wait on parity p returns once the latest completed phase has parity p."""
+    cases = []
+    for stages in (2, 3):
+        completed_full = [1] * stages            # parity of the latest completed phase (fresh: "phase -1", parity 1)
+        completed_empty = [1] * stages
+        slots, consumer, producer = [], [], []
+        for i in range(4 * stages):
+            slot = len(slots) % stages
+            # The producer may copy once both consumers released the slot's previous fill: the parity of that
+            # release (a fresh barrier reports parity 1 as completed).
+            producer.append(completed_empty[slot])
+            completed_full[slot] ^= 1              # the copy lands: the next phase of `full` completes
+            consumer.append(completed_full[slot])  # the consumers wait for exactly that phase
+            completed_empty[slot] ^= 1             # both consumers release the fill
+            slots.append(slot)
+        want = tuple(torch.tensor(x, dtype=f64) for x in (slots, consumer, producer))
+        n = torch.arange(4 * stages, dtype=f64)
+        alts = {"slot": [("i // stages is the fill number, not the slot: tiles go round the ring, slot i % stages",
+                          torch.div(n, stages, rounding_mode="floor"))],
+                "consumer_parity": [("i % 2 is the parity of a ring of one slot: with several, a slot's phases count "
+                                     "its own fills, i // stages", n % 2)],
+                "producer_parity": [("the producer's wait on the fill's own phase would wait for the consumers to "
+                                     "release a tile that is not loaded yet (a deadlock): it waits for the previous "
+                                     "fill's release, parity (i // stages + 1) % 2", want[1]),
+                                    ("0 for the first fill would wait for a phase no one completes: a fresh barrier "
+                                     "passes a wait on parity 1 at once", torch.where(n < stages, 0.0, want[2]))]}
+        grade_args = (torch.arange(4 * stages), stages)
+        cases.append((f"tiles 0..{4 * stages - 1}, a ring of {stages} slots", grade_args, want, alts))
+
+    def over_tiles(i, stages):
+        results = [_as_tuple(_call(fn, (int(j), stages)), 3) for j in i]
+        return tuple(torch.tensor([float(r[k]) for r in results], dtype=f64) for k in range(3))
+    over_tiles.__name__ = getattr(fn, "__name__", "the function")
+    return _grade("ring_waits", over_tiles, cases, ["slot", "consumer_parity", "producer_parity"], atol=0.0)
 
 
 def _no_rescale(q, k, v, scale, bn):

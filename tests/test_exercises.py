@@ -226,6 +226,35 @@ def test_descriptor_origin_matches_the_kernels():
         assert tuple(out.tolist()) == _origin(*args), args
 
 
+def _ring_waits(i, stages):
+    fill = i // stages
+    return i % stages, fill % 2, (fill + 1) % 2
+
+
+def test_ring_waits():
+    assert exercises.ring_waits(_ring_waits).ok
+    assert "not attempted" in str(exercises.ring_waits(todo))
+    assert_rejects(exercises.ring_waits(lambda i, s: (i // s, *_ring_waits(i, s)[1:])), "not the slot")
+    assert_rejects(exercises.ring_waits(lambda i, s: (i % s, i % 2, (i + 1) % 2)), "a ring of one slot")
+    assert_rejects(exercises.ring_waits(lambda i, s: (*_ring_waits(i, s)[:2], _ring_waits(i, s)[1])), "deadlock")
+    assert_rejects(exercises.ring_waits(lambda i, s: (*_ring_waits(i, s)[:2], 0 if i < s else _ring_waits(i, s)[2])),
+                   "fresh barrier")
+
+
+def test_ring_waits_are_the_waits_of_the_hopper_forward():
+    """The parities the exercise accepts are the ones the Gluon forward waits on: the producer's in `_ring_load`, the
+    consumers' in `_step` and on their first and last tiles."""
+    import inspect
+    from attnpkg.kernels import hopper_forward
+    producer = inspect.getsource(hopper_forward._ring_load.fn)
+    consumer = inspect.getsource(hopper_forward._step.fn) + inspect.getsource(hopper_forward._consumer.fn)
+    assert "s = i % STAGES" in producer and "mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1)" in producer
+    assert "mbarrier.wait(k_full.index(ks), (i // STAGES) & 1)" in consumer
+    assert "mbarrier.wait(k_full.index(i0 % STAGES), (i0 // STAGES) & 1)" in consumer
+    kernel = lambda i, stages: (i % stages, (i // stages) & 1, ((i // stages) & 1) ^ 1)
+    assert exercises.ring_waits(kernel).ok
+
+
 # Chapter 6 -------------------------------------------------------------------------------------------
 
 def test_delta():
