@@ -1,4 +1,5 @@
-"""The Hopper backward: FlashAttention-3's five-product schedule in Gluon, where it was tested.
+"""The Hopper kernels in Gluon, where they were tested: FlashAttention-3's five-product backward and its
+warp-specialized forward.
 
 ``flash_attention``'s backward pass runs the portable two-kernel pass (``kernels/flash_backward.py``: seven matrix
 products per tile pair, every sum owned by one program, the same bits on every run) everywhere, and, where the caller
@@ -16,10 +17,10 @@ CPU runs, take the portable pass.
 
 The forward pass has a Hopper kernel too, ``kernels/hopper_forward.py``: the same mathematics as the portable
 forward, warp-specialized (a producer warp issues the copies, two consumer warpgroups overlap each tile's softmax
-with the previous tile's P V product), 1.09-1.16x the portable forward on an H200 at N >= 4k. :func:`supports_forward`
-admits dense contiguous batches at head dim 128 in float16 or bfloat16, any band of :mod:`attnpkg.masks`, without a
-soft cap or ALiBi, on the GPU and Triton it was tested with; packed sequences and everything else take the portable
-forward, which is also the one the book runs on the CPU.
+with the previous tile's P V product), 1.07-1.24x the portable forward on an H200 (``benchmarks/NOTES.md``).
+:func:`supports_forward` admits it on the GPU and Triton it was tested with, at head dim 128 in float16 or bfloat16,
+for dense batches and packed sequences whose rows are contiguous, with any band of :mod:`attnpkg.masks` and without
+a soft cap or ALiBi. Everything else takes the portable forward, which is also the one the book runs on the CPU.
 """
 import functools
 
