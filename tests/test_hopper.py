@@ -65,11 +65,11 @@ def test_hopper_kernel_can_be_switched_off(monkeypatch):
     assert not hopper.supports(q, k, (big, big), 0.0, None, None, **TESTED)
 
 
-def _taken(monkeypatch):
-    """A list that records each call of the Hopper kernel's launcher."""
+def _taken(monkeypatch, launcher="backward"):
+    """A list that records each call of one of attnpkg.hopper's launchers (``backward`` or ``forward``)."""
     calls = []
-    run = hopper.backward
-    monkeypatch.setattr(hopper, "backward", lambda *a, **kw: calls.append(1) or run(*a, **kw))
+    run = getattr(hopper, launcher)
+    monkeypatch.setattr(hopper, launcher, lambda *a, **kw: calls.append(1) or run(*a, **kw))
     return calls
 
 

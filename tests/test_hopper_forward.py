@@ -5,6 +5,7 @@ import torch
 import attnpkg
 from attnpkg import attention, hopper
 from accuracy import assert_flash_accuracy
+from test_hopper import _taken as taken
 
 TESTED = dict(capability=hopper.TESTED_CAPABILITY, triton_version=hopper.TESTED_TRITON[0] + "0")
 
@@ -49,10 +50,7 @@ def test_hopper_forward_is_chosen_only_where_it_was_tested(monkeypatch, change, 
 
 def _taken(monkeypatch):
     """A list that records each call of the Hopper forward."""
-    calls = []
-    run = hopper.forward
-    monkeypatch.setattr(hopper, "forward", lambda *a, **kw: calls.append(1) or run(*a, **kw))
-    return calls
+    return taken(monkeypatch, "forward")
 
 
 def _hopper_here():
