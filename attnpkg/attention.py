@@ -86,6 +86,10 @@ SMALL_SMEM_TILES = {64: _T(32, 64, 4, 1), 128: _T(32, 16, 4, 1), 256: _T(16, 16,
 SMALL_SMEM = 160 * 1024                  # below this many bytes per block, SMALL_SMEM_TILES
 FP32_DKDV_256_SMEM = 65 * 1024           # what the float32 dK/dV kernel needs at head dims 129-256
 INTERPRETER_TILES = _T(32, 32, 4, 1)     # one program at a time on the CPU: any tile is exact
+# The fewest rows a program of any kernel owns (the launch grids count tiles of this many rows at most).
+SMALLEST_TILE = min(t.own for t in (*SMALL_TILES.values(), *SMALL_SMEM_TILES.values(), INTERPRETER_TILES,
+                                    *(t for table in HOPPER_TILES.values() for t in table.values())))
+MAX_PROGRAMS = 2**31 - 1                 # CUDA's limit on the grid's first axis, which the kernels use
 
 
 def tiles_for(kernel: str, block_d: int, dtype: torch.dtype, device: torch.device, causal: bool) -> Tiles:

@@ -10,7 +10,7 @@ import weakref
 
 import torch
 
-from .attention import Mask, _check_inputs, _check_mask_options, _resolve, _run
+from .attention import MAX_PROGRAMS, SMALLEST_TILE, Mask, _check_inputs, _check_mask_options, _resolve, _run
 
 __all__ = ["flash_attention_varlen"]
 
@@ -108,6 +108,12 @@ def flash_attention_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         if _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, q.device) != batch:
             raise ValueError(f"flash_attention_varlen: cu_seqlens_q and cu_seqlens_k must have the same length, got "
                              f"{tuple(cu_seqlens_q.shape)} and {tuple(cu_seqlens_k.shape)}")
+    # The grids span the longest sequence for every sequence and query head: one program per tile of rows.
+    programs = -(-max(max_seqlen_q, max_seqlen_k) // SMALLEST_TILE) * batch * q.shape[1]
+    if programs > MAX_PROGRAMS:
+        raise ValueError(f"flash_attention_varlen: max_seqlen {max(max_seqlen_q, max_seqlen_k)} for {batch} sequences "
+                         f"and {q.shape[1]} heads needs up to {programs} programs, more than CUDA's {MAX_PROGRAMS} on "
+                         f"one grid axis: pass the longest sequence's length as max_seqlen, or split the batch")
     # The (1, H, total, D) views that the kernels take; flash_attention's checks apply to them.
     q4, k4, v4 = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
     _check_inputs(q4, k4, v4, scale)

@@ -95,6 +95,7 @@ def cu(values):
     (dict(cu_q=cu([[0, 4, 10]])), "cu_seqlens_q must be 1-D"),
     (dict(max_q=5), r"has length 6 > max_seqlen 5"),
     (dict(max_k=-1), "max_seqlen for cu_seqlens_k must be an int >= 0"),
+    (dict(max_q=2**36), r"needs up to 17179869184 programs, more than CUDA's 2147483647"),    # 2^36 / 16 * 2 * 2
     (dict(q=torch.zeros(2, 10, 2, 16)), "q must have 3 dimensions"),
     (dict(window_size=(-3, 0)), "window sizes must be >= -1"),
     (dict(alibi_slopes=torch.ones(3, 2)), r"alibi_slopes must have shape \(2,\) or \(2, 2\)"),
