@@ -269,13 +269,13 @@ def forward_impl(q, k, v, causal, scale: float):
         return o, lse
     if n_k == 0:                               # no key at all: every row is fully masked
         return o.zero_(), lse.fill_(float("-inf"))
-    meta = _kernel_meta(q)
     pointers, numbers, flags, banded, longest_first, _ = _mask_args(q, k, mask)
     if (q.device.type == "cuda" and not _interpreting()
             and hopper.supports_forward(q, k, v, mask.softcap, mask.alibi, flags["VARLEN"], _capability(q.device))):
         with _on_device_of(q):
             return hopper.forward(q, k, v, o, lse, numbers[3:5], scale, longest_first, mask.cu_q, mask.cu_k,
                                   mask.max_q, mask.max_k)
+    meta = _kernel_meta(q)
     t = tiles_for("forward", meta["BLOCK_D"], q.dtype, q.device, banded)
     descriptors = _descriptors(t, meta["BLOCK_D"], k, v)
     if flags["VARLEN"]:                  # the grid spans the longest sequence, for each sequence of the batch

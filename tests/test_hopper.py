@@ -84,6 +84,18 @@ def _hopper_here():
 needs_hopper = pytest.mark.skipif(not _hopper_here(), reason="needs the GPU and Triton attnpkg.hopper was tested with")
 
 
+# The bands (causal flag, window_size) and shapes (B, Hq, Hkv, Nq, Nk) the Hopper kernels are checked on.
+BANDS = [(False, (-1, -1)), (True, (-1, -1)), (True, (300, 0)), (False, (37, 5)), (False, (-1, 17)), (False, (200, -1))]
+SHAPES = [
+    (2, 4, 4, 1000, 1000),          # ragged tiles
+    (1, 4, 4, 4096, 4096),
+    (2, 8, 2, 300, 1000),           # grouped-query, Nq < Nk
+    (2, 8, 1, 1000, 256),           # multi-query, Nq > Nk: with causal, rows that see no key
+    (1, 2, 1, 1, 1),
+    (1, 2, 2, 64, 129),             # one key past a tile (forward: one half of the query tile has no rows)
+]
+
+
 def grads(q, k, v, do, dlse=None, **options):
     q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
     o, lse = attnpkg.flash_attention(q, k, v, return_lse=True, **options)
@@ -95,16 +107,8 @@ def grads(q, k, v, do, dlse=None, **options):
 @pytest.mark.gpu
 @needs_hopper
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("causal,window", [(False, (-1, -1)), (True, (-1, -1)), (True, (300, 0)), (False, (37, 5)),
-                                           (False, (-1, 17)), (False, (200, -1))], ids=str)
-@pytest.mark.parametrize("b,hq,hkv,n_q,n_k", [
-    (2, 4, 4, 1000, 1000),          # ragged tiles
-    (1, 4, 4, 4096, 4096),
-    (2, 8, 2, 300, 1000),           # grouped-query, Nq < Nk
-    (2, 8, 1, 1000, 256),           # multi-query, Nq > Nk: with causal, rows that see no key
-    (1, 2, 1, 1, 1),
-    (1, 2, 2, 64, 129),             # one key past a tile
-])
+@pytest.mark.parametrize("causal,window", BANDS, ids=str)
+@pytest.mark.parametrize("b,hq,hkv,n_q,n_k", SHAPES)
 def test_hopper_backward_matches_float64(monkeypatch, dtype, causal, window, b, hq, hkv, n_q, n_k):
     calls = _taken(monkeypatch)
     q = torch.randn(b, hq, n_q, 128, device="cuda", dtype=dtype)

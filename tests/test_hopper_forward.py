@@ -5,7 +5,7 @@ import torch
 import attnpkg
 from attnpkg import attention, hopper
 from accuracy import assert_flash_accuracy
-from test_hopper import _taken as taken
+from test_hopper import BANDS, SHAPES, _taken
 
 TESTED = dict(capability=hopper.TESTED_CAPABILITY, triton_version=hopper.TESTED_TRITON[0] + "0")
 
@@ -48,11 +48,6 @@ def test_hopper_forward_is_chosen_only_where_it_was_tested(monkeypatch, change, 
     assert hopper.supports_forward(q, k, v, **args) is chosen
 
 
-def _taken(monkeypatch):
-    """A list that records each call of the Hopper forward."""
-    return taken(monkeypatch, "forward")
-
-
 def _hopper_here():
     if not torch.cuda.is_available():
         return False
@@ -71,20 +66,10 @@ def _forward(q, k, v, **options):
 @pytest.mark.gpu
 @needs_hopper
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("causal,window", [(False, (-1, -1)), (True, (-1, -1)), (True, (300, 0)), (False, (37, 5)),
-                                           (False, (-1, 17)), (False, (200, -1)), (False, (0, 0)), (True, (64, 0))],
-                         ids=str)
-@pytest.mark.parametrize("b,hq,hkv,n_q,n_k", [
-    (2, 4, 4, 1000, 1000),          # ragged tiles
-    (1, 4, 4, 4096, 4096),
-    (2, 8, 2, 300, 1000),           # grouped-query, Nq < Nk
-    (2, 8, 1, 1000, 256),           # multi-query, Nq > Nk: with causal, rows that see no key
-    (1, 2, 1, 1, 1),
-    (1, 2, 2, 64, 129),             # one key past a tile; one half of the query tile has no rows
-    (1, 2, 2, 200, 64),
-])
+@pytest.mark.parametrize("causal,window", BANDS + [(False, (0, 0)), (True, (64, 0))], ids=str)
+@pytest.mark.parametrize("b,hq,hkv,n_q,n_k", SHAPES + [(1, 2, 2, 200, 64)])
 def test_hopper_forward_matches_float64(monkeypatch, dtype, causal, window, b, hq, hkv, n_q, n_k):
-    calls = _taken(monkeypatch)
+    calls = _taken(monkeypatch, "forward")
     q = torch.randn(b, hq, n_q, 128, device="cuda", dtype=dtype)
     k, v = (torch.randn(b, hkv, n_k, 128, device="cuda", dtype=dtype) for _ in range(2))
     got = _forward(q, k, v, causal=causal, window_size=window)
@@ -95,7 +80,7 @@ def test_hopper_forward_matches_float64(monkeypatch, dtype, causal, window, b, h
 @pytest.mark.gpu
 @needs_hopper
 def test_rows_that_see_no_key_give_zero_and_minus_infinity(monkeypatch):
-    calls = _taken(monkeypatch)
+    calls = _taken(monkeypatch, "forward")
     q = torch.randn(1, 2, 700, 128, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(1, 2, 300, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     o, lse = attnpkg.flash_attention(q, k, v, causal=True, return_lse=True)          # rows < 400 see no key
@@ -109,7 +94,7 @@ def test_rows_that_see_no_key_give_zero_and_minus_infinity(monkeypatch):
 def test_no_other_head_enters_a_ragged_tile(monkeypatch):
     """A head's last key tile runs past its rows: the copy reads zeros there, not the next head's keys and values
     (an infinite value there would turn p = 0 into NaN)."""
-    calls = _taken(monkeypatch)
+    calls = _taken(monkeypatch, "forward")
     q = torch.randn(1, 2, 300, 128, device="cuda", dtype=torch.bfloat16)
     k, v = (torch.randn(1, 2, 200, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     k[:, 1], v[:, 1] = float("inf"), float("inf")                   # head 1's rows follow head 0's in memory
@@ -124,7 +109,7 @@ def test_no_other_head_enters_a_ragged_tile(monkeypatch):
 @pytest.mark.parametrize("window", [(-1, -1), (-1, 0), (500, 0)], ids=str)
 def test_hopper_forward_agrees_with_the_portable_forward(monkeypatch, window):
     q, k, v = (torch.randn(2, 8, 1500, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    calls = _taken(monkeypatch)
+    calls = _taken(monkeypatch, "forward")
     fast = _forward(q, k, v, window_size=window)
     assert calls and torch.equal(fast["o"], _forward(q, k, v, window_size=window)["o"])     # the same bits again
     monkeypatch.setattr(hopper, "FORWARD", False)
@@ -140,7 +125,7 @@ def test_hopper_forward_is_launched_directly_and_trains(monkeypatch):
     """attnpkg.launch keeps the compiled kernel; the forward feeds the backward (both passes, every head layout)."""
     from attnpkg import launch as launch_module
     from attnpkg.kernels.hopper_forward import hopper_forward_kernel
-    calls = _taken(monkeypatch)
+    calls = _taken(monkeypatch, "forward")
     launcher = launch_module.launch(hopper_forward_kernel)
     launcher.compiled.clear()
     q = torch.randn(2, 8, 700, 128, device="cuda", dtype=torch.bfloat16)
@@ -166,7 +151,7 @@ def test_hopper_forward_packed_sequences(monkeypatch, options, hq, hkv, extra_ke
     read across into the next sequence's rows, which must add nothing."""
     from test_varlen import packed
     from attnpkg import reference
-    calls = _taken(monkeypatch)
+    calls = _taken(monkeypatch, "forward")
     lengths = [1000, 1, 0, 129, 2048, 64, 777, 0]
     q, k, v, do, cu_q, cu_k, max_q, max_k = packed(lengths, [n + extra_keys if n else 0 for n in lengths], hq, hkv,
                                                    128, torch.bfloat16)
@@ -183,7 +168,7 @@ def test_hopper_forward_packed_sequences(monkeypatch, options, hq, hkv, extra_ke
 def test_no_other_sequence_enters_a_packed_tile(monkeypatch):
     """Sequence 0's last key tile runs into sequence 1's rows: their scores are masked and their values zeroed,
     so non-finite keys and values there change nothing."""
-    calls = _taken(monkeypatch)
+    calls = _taken(monkeypatch, "forward")
     cu = torch.tensor([0, 200, 500], dtype=torch.int32, device="cuda")
     q, k, v = (torch.randn(500, h, 128, device="cuda", dtype=torch.bfloat16) for h in (4, 2, 2))
     k[200:260], v[200:260] = float("nan"), float("inf")
